@@ -1,0 +1,153 @@
+"""Whole runs of the main_*.py scripts on the real (shrunk) split: outputs, resume, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--limit-per-class", "8", "--img-size", "64", "--workers", "0"]
+
+
+def run_script(script, *args, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def tb_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory):
+    """12 real classes, 6 train + 2 test images each: for runs that repeat."""
+    from conftest import extract_subset
+
+    classes = {"accordion", "airplanes", "anchor", "ant", "barrel", "bass", "beaver", "binocular", "bonsai",
+               "brain", "brontosaurus", "buddha"}
+    return extract_subset(tmp_path_factory.mktemp("tiny"), per_class=8, classes=classes)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(real_split, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    r = run_script("main_ResNet-18.py", "--data", real_split, *SMOKE, "--epochs", "2", "--weights", "none",
+                   "--out", out, "--cache-dir", out / "cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((out / "main_ResNet-18").iterdir())
+    assert len(runs) == 1
+    return runs[0], r
+
+
+def test_a_run_leaves_every_output(smoke_run):
+    run_dir, r = smoke_run
+    assert run_dir.name == "none-all-b64-lr0.0003-wd1e-05-e2-64px-lim8"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["epochs"] == 2 and config["unfreeze"] == "all" and config["arch"] == "resnet18"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for k in ("test_top1", "test_top5", "test_mean_class_acc", "best_val_top1", "best_epoch", "epochs",
+              "train_seconds", "train_images_per_s"):
+        assert k in metrics, k
+    assert metrics["test_images"] == 202  # 101 classes x 2 test images
+    assert 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100 and metrics["best_epoch"] in (1, 2)
+    assert "test top-1" in r.stdout and "epoch 2/2" in r.stdout
+    last = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
+    best = torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2 and best["epoch"] == metrics["best_epoch"]
+    assert len(last["classes"]) == 101 and last["config"]["arch"] == "resnet18"
+    assert {"model", "optimizer", "scheduler"} <= set(last)
+    assert last["preprocess"]["crop"] == 64
+    acc = tb_scalars(run_dir)
+    tags = set(acc.Tags()["scalars"])
+    assert {"Loss/train", "Loss/val", "Accuracy/train", "Accuracy/val", "LR"} <= tags
+    assert [e.step for e in acc.Scalars("Loss/train")] == [1, 2]
+    assert "Test/confusion_matrix" in acc.Tags()["images"]
+
+
+def test_rerun_without_resume_refuses_and_loses_nothing(smoke_run, real_split):
+    run_dir, _ = smoke_run
+    before = (run_dir / "metrics.json").read_bytes()
+    r = run_script("main_ResNet-18.py", "--data", real_split, *SMOKE, "--epochs", "2", "--weights", "none",
+                   "--out", run_dir.parent.parent)
+    assert r.returncode != 0 and "--resume auto" in r.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def config_for(data, out, **over):
+    parser = common.get_args_parser(dict(arch="resnet18", batch_size=16, epochs=3, scratch_epochs=3, lr=1e-3,
+                                         weight_decay=1e-4, unfreeze="last:1"))
+    args = parser.parse_args(["--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "32",
+                              "--limit-per-class", "4", "--workers", "0", "--cache-dir", str(out / "cache")])
+    c = common.resolve_config(args, dict(epochs=3, scratch_epochs=3, unfreeze="last:1"), "main_test")
+    c.update(over)
+    return c
+
+
+def test_resume_continues_at_the_next_epoch_with_the_same_lr_and_the_same_result(tiny_split, tmp_path):
+    full = common.fit(config_for(tiny_split, tmp_path, name="full"))
+    part = config_for(tiny_split, tmp_path, name="cut")
+    stopped = common.fit(part, stop_after=1)
+    assert stopped["stopped_at"] == 1 and not (tmp_path / "main_test" / "cut" / "metrics.json").exists()
+    ck = torch.load(tmp_path / "main_test" / "cut" / "last.pth", weights_only=True)
+    assert ck["epoch"] == 1
+    resumed = common.fit(dict(part, resume="auto"))
+    assert resumed["test_top1"] == full["test_top1"] and resumed["best_val_top1"] == full["best_val_top1"]
+    a = torch.load(tmp_path / "main_test" / "full" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "main_test" / "cut" / "last.pth", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    lrs = lambda d: [round(e.value, 12) for e in tb_scalars(d).Scalars("LR")]
+    steps = lambda d: [e.step for e in tb_scalars(d).Scalars("Loss/train")]
+    assert steps(tmp_path / "main_test" / "cut") == [1, 2, 3]
+    assert lrs(tmp_path / "main_test" / "cut") == lrs(tmp_path / "main_test" / "full")
+
+
+R50_DEFAULTS = dict(arch="resnet50", batch_size=32, epochs=30, scratch_epochs=50, lr=1e-3, weight_decay=1e-5,
+                    unfreeze="last:1")
+BAD = [
+    (["--data", "/nonexistent/place"], "no such folder"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr=-1e-3"], "--lr must be > 0"),
+    (["--epochs", "two"], "argument --epochs: invalid int value"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--val-fraction", "0.6"], "--val-fraction must be within [0, 0.5]"),
+    (["--unfreeze", "layer9"], "unknown module layer9"),
+    (["--weights", "missing.pth"], "not imagenet, none, or an existing file"),
+    (["--device", "tpu"], "valid values are auto, cpu, cuda, cuda:N"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD)
+def test_bad_input_is_one_line_and_writes_nothing(tiny_split, tmp_path, capsys, extra, message):
+    args = ["--data", tiny_split, "--out", tmp_path / "runs", "--weights", "none", *SMOKE, *extra]
+    with pytest.raises(SystemExit) as e:
+        common.main(R50_DEFAULTS, {}, argv=[str(a) for a in args], script="main_ResNet-50")
+    text = str(e.value.code) if e.value.code not in (1, 2) else capsys.readouterr().err
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error: "), text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_from_the_shell_is_one_line_on_stderr(tiny_split, tmp_path):
+    r = run_script("main_ResNet-50.py", "--data", tiny_split, "--out", tmp_path / "runs", "--epochs", "0")
+    assert r.returncode != 0 and r.stderr.strip() == "error: --epochs must be at least 1 (got 0)"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_or_empty_train_is_a_clear_error(tmp_path):
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "test" / "a").mkdir(parents=True)
+    for data, message in ((tmp_path / "d", "train/ holds no images"), (tmp_path, "missing train/")):
+        with pytest.raises(SystemExit, match=message):
+            common.main(R50_DEFAULTS, {}, argv=["--data", str(data), "--out", str(tmp_path / "runs"), "--weights",
+                                                "none"], script="main_ResNet-50")
+    assert not (tmp_path / "runs").exists()
