@@ -5,7 +5,6 @@ archive, images shrunk to 64 px on the long side so decoding is cheap) and skip 
 clear reason when ../shared is absent.
 """
 import io
-import os
 import sys
 import tarfile
 from pathlib import Path

@@ -1,0 +1,156 @@
+"""torchrun, kills, half-written files, non-finite losses, bad images, out of memory."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = {"accordion", "airplanes", "anchor", "ant", "barrel", "bass", "beaver", "binocular", "bonsai", "brain",
+           "brontosaurus", "buddha"}
+TINY = ["--weights", "none", "--img-size", "32", "--workers", "0", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from conftest import extract_subset
+
+    return extract_subset(tmp_path_factory.mktemp("faults"), per_class=8, classes=CLASSES)
+
+
+def cmd(*args, nproc=1):
+    if nproc == 1:
+        return [sys.executable, str(ROOT / "main_ResNet-18.py"), *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(ROOT / "main_ResNet-18.py"), *map(str, args)]
+
+
+def outputs(run_dir):
+    """File names a run wrote, with the event file's unique name reduced to its kind."""
+    return sorted("events" if f.name.startswith("events.out.tfevents") else f.name for f in run_dir.iterdir())
+
+
+def tb_steps(run_dir, tag="Loss/train"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_two_process_gloo_run_writes_the_outputs_of_one_process_with_one_writer(data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for n in (1, 2):
+        r = subprocess.run(cmd("--data", data, "--out", tmp_path / f"p{n}", "--epochs", "2", *TINY, nproc=n),
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("test top-1") == 1  # rank 0 alone prints
+    one, two = (next((tmp_path / f"p{n}" / "main_ResNet-18").iterdir()) for n in (1, 2))
+    assert outputs(one) == outputs(two) == sorted(["best.pth", "config.json", "events", "last.pth", "metrics.json"])
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m1["test_images"] == m2["test_images"] == 24  # every test image exactly once, in both
+    assert (m1["processes"], m2["processes"]) == (1, 2)
+    assert tb_steps(two) == [1, 2]
+
+
+def test_sigkill_mid_run_then_resume_auto_ends_like_an_uninterrupted_run(data, tmp_path):
+    args = ["--data", data, "--epochs", "3", *TINY]
+    full = subprocess.run(cmd(*args, "--out", tmp_path / "full"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    proc = subprocess.Popen(cmd(*args, "--out", tmp_path / "cut"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "cut" / "main_ResNet-18" / "none-all-b8-lr0.0003-wd1e-05-e3-32px"
+    deadline = time.time() + 240
+    while not (run_dir / "last.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # during epoch 2: epoch 1 is saved, the rest is lost
+    proc.wait()
+    assert (run_dir / "last.pth").exists() and not (run_dir / "metrics.json").exists()
+    again = subprocess.run(cmd(*args, "--out", tmp_path / "cut", "--resume", "auto"), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "epoch 1/3" not in again.stdout  # it continued, it did not restart
+    a = json.loads((run_dir / "metrics.json").read_text())
+    b = json.loads(next((tmp_path / "full" / "main_ResNet-18").iterdir()).joinpath("metrics.json").read_text())
+    assert (a["test_top1"], a["best_val_top1"], a["best_epoch"]) == (b["test_top1"], b["best_val_top1"], b["best_epoch"])
+    assert tb_steps(run_dir) == [1, 2, 3]
+
+
+def test_a_crash_between_write_and_rename_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    common.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(common.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    old = torch.load(path, weights_only=True)
+    assert old["epoch"] == 1 and torch.equal(old["w"], torch.ones(3))
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pth"]
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(common.os, "replace", crash)
+        common.write_json(tmp_path / "metrics.json", {"a": 1})
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def small_config(data, out, **over):
+    parser = common.get_args_parser(dict(arch="resnet18", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3,
+                                         weight_decay=1e-4, unfreeze="last:1"))
+    args = parser.parse_args(["--data", str(data), "--out", str(out), *TINY, "--cache-dir", str(out / "cache")])
+    return dict(common.resolve_config(args, dict(epochs=3, scratch_epochs=3, unfreeze="last:1"), "main_test"), **over)
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    real = torch.nn.CrossEntropyLoss
+    calls = {"n": 0}
+
+    class PoisonedLoss(real):
+        def forward(self, logits, y):
+            if torch.is_grad_enabled():
+                calls["n"] += 1
+                if calls["n"] == 8 + 3:  # epoch 1 has 8 steps (60 images, batch 8): step 3 of epoch 2
+                    return super().forward(logits, y) * float("nan")
+            return super().forward(logits, y)
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", PoisonedLoss)
+    config = small_config(data, tmp_path)
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 2, step 3"):
+        common.fit(config)
+    run_dir = common.run_dir_of(config)
+    assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 1
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_out_of_memory_names_the_batch_size_and_suggests_a_smaller_one(data, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(common, "train_one_epoch", oom)
+    with pytest.raises(SystemExit, match=r"out of GPU memory with --batch-size 8; try --batch-size 4"):
+        common.fit(small_config(data, tmp_path))
+
+
+def test_a_truncated_jpeg_is_reported_by_path_and_skip_bad_trains_without_it(data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    victim = sorted((copy / "train" / "anchor").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    r = subprocess.run(cmd("--data", copy, "--out", tmp_path / "runs", "--epochs", "1", *TINY), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and str(victim) in r.stderr and "--skip-bad" in r.stderr
+    assert not (tmp_path / "runs").exists()
+    r = subprocess.run(cmd("--data", copy, "--out", tmp_path / "runs", "--epochs", "1", "--skip-bad", *TINY),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert str(victim) in r.stdout + r.stderr
