@@ -304,6 +304,16 @@ def carve_validation(samples, fraction, seed):
 # --------------------------------------------------------------------------------------------
 # Options: one parser; a script changes only the defaults.
 # --------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the script's docstring as written; appends a default that the help does not name."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in h:
+            h += " (default: %(default)s)"
+        return h
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line instead of argparse's usage block."""
@@ -313,11 +323,12 @@ class Parser(argparse.ArgumentParser):
 def get_args_parser(defaults):
     d = defaults
     p = Parser(description=d.get("description"),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--data", default="dataset/images", help="folder holding train/ and test/ (from split_data.py)")
     a("--out", default="runs", help="runs are written to OUT/<script name>/<run name>/")
-    a("--name", default=None, help="run name (default: built from the options, e.g. imagenet-last1-b64-lr0.0003-...)")
+    a("--name", default=None, help="run name (default: built from the options, e.g. imagenet-last1-b64-lr0.0003-...); "
+                                   "with --grid/--compare: the folder of the grid or comparison (default grid, compare)")
     a("--epochs", type=int, default=None,
       help=f"epochs (default {d['epochs']} pretrained, {d['scratch_epochs']} with --weights none)")
     a("--batch-size", type=int, default=d["batch_size"], help="images per optimizer step, per process")
@@ -725,7 +736,7 @@ def fit(config, stop_after=None):
         model.load_state_dict(ckpt["model"])
 
     if config["unfreeze"] == "head" and world == 1:
-        return fit_head_only(config, model, classes, train, val, test, device, dtype, run_dir, ckpt)
+        return fit_head_only(config, model, classes, train, val, test, device, dtype, run_dir, ckpt, stop_after)
 
     options = loader_options(config, device, rank, world)
     pre = options["preprocess"]
@@ -761,8 +772,8 @@ def fit(config, stop_after=None):
 
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", config)
-        # purge_step: on resume TensorBoard drops any steps >= start_epoch a killed run had logged
-        writer = SummaryWriter(str(run_dir), purge_step=start_epoch if ckpt else None)
+        # purge_step: TensorBoard drops any steps >= start_epoch that a killed run had logged
+        writer = SummaryWriter(str(run_dir), purge_step=start_epoch)
         print_config(config, run_dir, classes, train, val, test, trained, model, device, dtype)
 
     last_epoch = config["epochs"] if stop_after is None else min(stop_after, config["epochs"])
@@ -799,7 +810,8 @@ def fit(config, stop_after=None):
     if last_epoch < config["epochs"]:
         if writer:
             writer.close()
-        return {"stopped_at": last_epoch, "best_val_top1": best["top1"], "best_epoch": best["epoch"]}
+        return {"stopped_at": last_epoch, "best_val_top1": best["top1"], "best_epoch": best["epoch"],
+                "train_seconds": round(train_seconds, 2)}
 
     # The test set is seen once, with the best-on-validation weights: it decides nothing.
     best_state = load_checkpoint(run_dir / "best.pth") if writer_rank or world == 1 else None
@@ -896,9 +908,11 @@ def extract_features(model, arch_name, loader, device, dtype):
 def cached_features(config, model, split, samples, loader, device, dtype):
     """Features of one split, cached on disk by (architecture, weights, files, preprocessing)."""
     cache = Path(cache_dir_of(config))
-    key = hashlib.sha256(json.dumps([config["arch"], config["weights"], config["img_size"], config["seed"],
-                                     [(s[0], s[1], os.path.getsize(s[0]), os.path.getmtime(s[0])) for s in samples]],
-                                    default=str).encode()).hexdigest()[:16]
+    w = config["weights"]
+    weights_id = [w, os.path.getsize(w), os.path.getmtime(w)] if Path(w).is_file() else w
+    key = hashlib.sha256(json.dumps([config["arch"], weights_id, preprocess_dict(loader_options(config, device)["preprocess"]),
+                                     str(dtype), [(s[0], s[1], os.path.getsize(s[0]), os.path.getmtime(s[0]))
+                                                  for s in samples]], default=str).encode()).hexdigest()[:16]
     path = cache / f"features-{config['arch']}-{split}-{key}.pt"
     if path.is_file():
         obj = torch.load(path, map_location=device, weights_only=True)
@@ -911,7 +925,7 @@ def cached_features(config, model, split, samples, loader, device, dtype):
     return f, y
 
 
-def fit_head_only(config, model, classes, train, val, test, device, dtype, run_dir, ckpt):
+def fit_head_only(config, model, classes, train, val, test, device, dtype, run_dir, ckpt, stop_after=None):
     """--unfreeze head: the same outputs as fit(), with the backbone run once per split.
 
     Augmentation is off for the cached features (each image is seen through the evaluation
@@ -946,14 +960,15 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
         train_seconds, images_trained = ckpt["train_seconds"], ckpt["images_trained"]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", config)
-    writer = SummaryWriter(str(run_dir), purge_step=start_epoch if ckpt else None)
+    writer = SummaryWriter(str(run_dir), purge_step=start_epoch)
     print_config(config, run_dir, classes, train, val, test, [], model, device, dtype)
     state = lambda epoch: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "scaler": None, "epoch": epoch, "config": config,
                            "classes": classes, "arch": config["arch"], "preprocess": preprocess_dict(pre),
                            "best": best, "train_seconds": train_seconds, "images_trained": images_trained}
     gen = torch.Generator().manual_seed(config["seed"])
-    for epoch in range(start_epoch, config["epochs"] + 1):
+    last_epoch = config["epochs"] if stop_after is None else min(stop_after, config["epochs"])
+    for epoch in range(start_epoch, last_epoch + 1):
         t = time.perf_counter()
         gen.manual_seed(config["seed"] * 1000 + epoch)
         order = torch.randperm(len(fy), generator=gen).to(fy.device)
@@ -984,9 +999,13 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
         if improved:
             save_checkpoint(run_dir / "best.pth", state(epoch))
         save_checkpoint(run_dir / "last.pth", state(epoch))
+    if last_epoch < config["epochs"]:
+        writer.close()
+        return {"stopped_at": last_epoch, "best_val_top1": best["top1"], "best_epoch": best["epoch"],
+                "train_seconds": round(train_seconds, 2)}
     model.load_state_dict(load_checkpoint(run_dir / "best.pth")["model"])
     test_m = head_metrics(head, *feats["test"], criterion, len(classes))
-    metrics = final_metrics(test_m, best, config, train_seconds, images_trained)
+    metrics = dict(final_metrics(test_m, best, config, train_seconds, images_trained), processes=1)
     finish_run(writer, run_dir, config, classes, test_m, metrics)
     return metrics
 
@@ -1018,14 +1037,21 @@ def head_metrics(head, feats, labels, criterion, num_classes):
 # --------------------------------------------------------------------------------------------
 # Entry point of every main_*.py script.
 # --------------------------------------------------------------------------------------------
+def given_options(defaults, argv=None):
+    """The dests of the options on the command line, however spelled (--epochs=1, --epoch 1)."""
+    probe = get_args_parser(defaults)
+    for a in probe._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
 def main(defaults, grid, argv=None, script=None):
     script = script or Path(sys.argv[0]).stem
     parser = get_args_parser(defaults)
     args = parser.parse_args(argv)
     config = resolve_config(args, defaults, script)
-    explicit = {a.dest for a in parser._actions
-                if any(opt in (argv if argv is not None else sys.argv[1:]) for opt in a.option_strings)}
-    if config["grid"] or config["grid_spec"] or config["compare"]:
+    explicit = given_options(defaults, argv)
+    if config["grid"] or config["grid_spec"] or config["compare"] or config["halving"]:
         import experiments  # imported on use: it builds on fit()
 
         return experiments.run(config, grid, explicit)

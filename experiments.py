@@ -1,24 +1,70 @@
-"""Experiments built on common.fit(): the grid (ranked on validation, resumable, successive
-halving) and the comparison of pretrained against randomly initialised networks.
+"""Experiments built on common.fit(): the hyper-parameter grid (ranked on validation,
+resumable, with optional successive halving) and the comparison of a pretrained network
+against the same network trained from random weights.
 
-Outputs live in OUT/<script>/<grid|compare|grid-compare>/: one run folder per trial (as a single
-run writes them), results.csv and results.md. The test set decides nothing: trials are ranked
-by validation top-1, and the winner's test metrics are only reported.
+    python main_ResNet-50.py --grid                       # the script's GRID
+    python main_ResNet-50.py --grid-spec "lr=1e-3,3e-4;batch_size=32,64;unfreeze=last:1,all"
+    python main_ResNet-50.py --grid --halving 4           # stop weak trials early
+    python main_ResNet-50.py --grid --compare             # then the winner against random init
+    python main_ResNet-50.py --compare                    # after --grid: the grid's winner
+
+Outputs go to OUT/<script>/<group>/, group = --name, else grid, compare or <grid>-compare:
+one run folder per trial (exactly what a single run writes, so TensorBoard shows one run per
+trial and its HParams tab compares them), results.csv and results.md. Accuracies are percent.
+
+Rules:
+- Ranking: by best validation top-1 (the split carved from train/); ties keep grid order.
+  The test set decides nothing: each finished trial is tested once and the figure reported.
+- Options given on the command line apply to every trial, unless the grid varies them: a
+  script GRID axis with two or more values, or any --grid-spec axis, wins over the option.
+- Resumable: a trial folder with metrics.json is finished and reused; one with last.pth
+  resumes from it. A trial folder run with other options stops the grid with an error.
+- A trial that fails (an exception, out of memory, fit()'s one-line error) is recorded with
+  its error (results.csv, error.json in its folder); the grid goes on; a rerun retries it.
+- Successive halving (--halving N): rungs at N, 2N, 4N, ... epochs trained. At each rung every
+  trial still in the race trains to min(rung, its own epochs) and is ranked by its best
+  validation top-1 so far; the better half (rounded up) stays. A trial whose own schedule
+  ends by the rung finishes (test included) and competes with its final score. The race
+  stops when one trial is left or the rung reaches the longest remaining schedule; the
+  survivors then train to their own end. Each trial keeps its own learning-rate schedule
+  (cosine over its own epochs): a grid that varies epochs compares trials at equal epochs
+  trained, not at an equal fraction of their schedules. Scores per rung are kept in
+  halving.json, so a rerun replays the same decisions instead of training again.
 """
 import csv
+import gc
 import io
 import itertools
 import json
 import math
+import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
-from common import atomic_write, check_config, fail, fit, parse_unfreeze, run_dir_of, write_json
+import torch
 
+from common import (atomic_write, check_config, default_run_name, fail, fit, hparams_summaries, parse_unfreeze,
+                    run_dir_of, scan_split, write_json)
+
+# Options a grid may vary (option names with underscores).
 GRID_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "unfreeze", "img_size", "backbone_lr_ratio",
-             "label_smoothing", "augment", "weights", "val_fraction")
+             "label_smoothing", "augment", "weights", "val_fraction", "seed")
+INT_KEYS = ("batch_size", "epochs", "img_size", "seed")
+FLOAT_KEYS = ("lr", "weight_decay", "backbone_lr_ratio", "label_smoothing", "val_fraction")
+# Options that decide a run's result: a folder is reused only when all of them match.
+RESULT_KEYS = ("arch", "data", "weights", "unfreeze", "batch_size", "epochs", "lr", "backbone_lr_ratio",
+               "weight_decay", "img_size", "val_fraction", "seed", "limit_per_class", "augment", "label_smoothing")
+# The original table's columns (model .. Top@1), then ours. Top@1 is test top-1.
+RESULT_COLUMNS = ("model", "batch_size", "epochs", "lr", "weight_decay", "strategy", "Top@1", "val_top1", "test_top5",
+                  "mean_class_acc", "minutes", "weights", "status", "run", "error")
+SINGLE_RUN_ONLY = dict(grid=False, grid_spec=None, compare=False, halving=0, resume="auto")
 
 
+# --------------------------------------------------------------------------------------------
+# The grid: axes -> one config per combination.
+# --------------------------------------------------------------------------------------------
 def parse_grid_spec(spec):
     """'lr=1e-3,3e-4;batch_size=32,64;unfreeze=last:1,all' -> {'lr': [0.001, 0.0003], ...}"""
     grid = {}
@@ -26,150 +72,267 @@ def parse_grid_spec(spec):
         key, sep, values = axis.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in GRID_KEYS:
-            fail(f"--grid-spec: bad axis {axis!r}; keys: {', '.join(GRID_KEYS)}")
+            fail(f"--grid-spec: bad axis {axis!r}; write key=v1,v2 with a key among {', '.join(GRID_KEYS)}")
+        if key in grid:
+            fail(f"--grid-spec: axis {key} is given twice")
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not vals:
             fail(f"--grid-spec: axis {key} has no values")
         grid[key] = [parse_value(key, v) for v in vals]
     if not grid:
-        fail("--grid-spec is empty")
+        fail("--grid-spec is empty; example: \"lr=1e-3,3e-4;batch_size=32,64\"")
     return grid
 
 
 def parse_value(key, v):
     try:
-        if key in ("batch_size", "epochs", "img_size"):
+        if key in INT_KEYS:
             return int(v)
-        if key in ("lr", "weight_decay", "backbone_lr_ratio", "label_smoothing", "val_fraction"):
+        if key in FLOAT_KEYS:
             return float(v)
     except ValueError:
-        fail(f"--grid-spec: {key}={v} is not a number")
+        fail(f"--grid-spec: {key}={v} is not a {'whole ' if key in INT_KEYS else ''}number")
     return v
 
 
-def grid_trials(base, grid, explicit):
-    """One config per combination; options given on the command line apply unless the grid varies them."""
-    grid = {k: v for k, v in grid.items() if k not in explicit or len(v) > 1} if explicit else grid
+def grid_axes(grid, explicit=(), from_spec=False):
+    """The axes that apply: a command-line option beats a script GRID axis with a single value."""
+    axes = {}
+    for key, values in grid.items():
+        values = list(values)
+        if key not in GRID_KEYS:
+            fail(f"grid axis {key!r} is not an option a grid may vary; valid: {', '.join(GRID_KEYS)}")
+        if not values:
+            fail(f"grid axis {key} has no values")
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            fail(f"grid axis {key} lists {', '.join(twice)} more than once")
+        if from_spec or len(values) > 1 or key not in explicit:
+            axes[key] = values
+    return axes
+
+
+def grid_trials(base, axes, explicit=()):
+    """One checked config per combination, in grid order (the first axis varies slowest)."""
     trials = []
-    for combo in itertools.product(*grid.values()):
-        c = dict(base, **dict(zip(grid, combo)))
+    for combo in itertools.product(*axes.values()):
+        c = dict(base, **dict(zip(axes, combo)))
         if c["weights"] == "none":
-            c["backbone_lr_ratio"] = 1.0
+            c["backbone_lr_ratio"] = 1.0  # nothing pretrained to protect, as a single run does
+            if "unfreeze" not in axes and "unfreeze" not in explicit:
+                c["unfreeze"] = "all"
         check_config(c)
         parse_unfreeze(c["unfreeze"], c["arch"])
+        if not c["val_fraction"] > 0:
+            fail("a grid ranks its trials on validation: --val-fraction must be > 0 (the test set decides nothing)")
         trials.append(c)
     return trials
 
 
 def trial_name(c, varied):
-    parts = [f"{k}={str(c[k]).replace(':', '').replace(',', '+').replace('/', '_')}" for k in varied]
-    return "_".join(parts) or "default"
+    """'lr=0.001_batch_size=32': the varied options only, safe as a folder name."""
+    parts = []
+    for k in varied:
+        v = c[k]
+        if k == "weights" and v not in ("imagenet", "none"):
+            v = Path(v).stem
+        v = re.sub(r"[^A-Za-z0-9.+\-]", "_", str(v).replace(":", "").replace(",", "+"))
+        parts.append(f"{k}={v}")
+    return "_".join(parts) or default_run_name(c)
 
 
-def run_grid(config, grid, explicit=(), group="grid"):
-    """Every trial in OUT/<script>/<group>/<trial>/; ranked on validation; resumable; -> sorted rows."""
-    trials = grid_trials(config, grid, explicit)
-    varied = [k for k in grid if len({str(t[k]) for t in trials}) > 1]
-    root = Path(config["out"]) / config["script"] / group
-    for t in trials:
-        t.update(out=str(root.parent.parent), name=None, resume="auto")
-        t["script"] = f"{config['script']}/{group}"
-        t["name"] = trial_name(t, varied)
-    print(f"{group}: {len(trials)} trials in {root}", flush=True)
-    rows = {}
-    for t in trials:
-        done = load_json(run_dir_of(t) / "metrics.json")
-        rows[t["name"]] = row_of(t, done, "done" if done else "pending")
-    active = [t for t in trials if rows[t["name"]]["status"] == "pending"]
-    if config["halving"]:
-        active = successive_halving(active, config["halving"], rows)
-    for t in active:
-        rows[t["name"]] = run_trial(t)
-        write_results(root, list(rows.values()))
-    ranked = write_results(root, list(rows.values()))
-    best = next((r for r in ranked if r["status"] == "done"), None)
-    if best:
-        print(f"{group} winner by validation: {best['trial']} (val top-1 {best['val_top1']:.2f}%, "
-              f"test top-1 {best['Top@1']:.2f}%)", flush=True)
-    return ranked, {t["name"]: t for t in trials}
+def place(c, out, script, group, name):
+    """The config of a run in OUT/<script>/<group>/<name>/: a single run's config, resumable."""
+    return dict(c, **SINGLE_RUN_ONLY, out=out, script=f"{script}/{group}", name=name)
+
+
+def differing_options(saved, c):
+    """RESULT_KEYS whose values differ between a saved config.json and c (paths compared resolved)."""
+    def norm(k, v):
+        if k == "data" or (k == "weights" and v not in ("imagenet", "none", None)):
+            return str(Path(v).resolve())
+        return v
+
+    return [k for k in RESULT_KEYS if norm(k, saved.get(k)) != norm(k, c.get(k))]
+
+
+def check_run_folder(c):
+    """Stop before a finished or half-done run of other options is reused or resumed."""
+    run_dir = run_dir_of(c)
+    saved = load_json(run_dir / "config.json")
+    if not isinstance(saved, dict):
+        return
+    diff = differing_options(saved, c)
+    if diff:
+        k = diff[0]
+        fail(f"{run_dir} holds a run with other options ({k}={saved.get(k)} there, {c.get(k)} now); "
+             f"pass --name NEW for a new folder, or remove {run_dir.parent}")
+
+
+# --------------------------------------------------------------------------------------------
+# Trials: fit() with failures recorded; rows of the results table.
+# --------------------------------------------------------------------------------------------
+def error_text(e):
+    """One line for the table: fit()'s own message, or the exception's type and first line."""
+    if isinstance(e, SystemExit):
+        return str(e.code).removeprefix("error: ").strip() or "SystemExit"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def run_trial(t, stop_after=None):
-    """fit() that records a failure (exception, out of memory) instead of ending the grid."""
+    """fit() that records a failure (an exception, out of memory) instead of ending the grid -> its row."""
+    run_dir = run_dir_of(t)
     try:
-        m = fit(t, stop_after=stop_after)
-    except (Exception, SystemExit) as e:
-        msg = f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else str(e.code)
+        m, msg = fit(t, stop_after=stop_after), None
+    except (Exception, SystemExit) as e:  # KeyboardInterrupt still stops everything
+        m, msg = None, error_text(e)
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+    if msg is not None:
         print(f"trial {t['name']} failed: {msg}", file=sys.stderr, flush=True)
-        run_dir_of(t).mkdir(parents=True, exist_ok=True)
-        write_json(run_dir_of(t) / "error.json", {"error": msg})
-        return row_of(t, None, "failed", msg)
-    if stop_after is not None and "test_top1" not in m:
-        return row_of(t, None, "stopped", val=m["best_val_top1"])
+        gc.collect()  # outside the except block, so the failed trial's tensors can go (an OOM must not
+        # starve the next trial)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if is_writer():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "error.json", {"error": msg, "stop_after": stop_after})
+        return row_of(t, None, "failed", error=msg)
+    if is_writer():
+        (run_dir / "error.json").unlink(missing_ok=True)
+    if "test_top1" not in m:
+        return row_of(t, m, f"stopped at epoch {m['stopped_at']}", val=m["best_val_top1"])
     return row_of(t, m, "done")
 
 
-def successive_halving(trials, first_epochs, rows):
-    """Train all trials `first_epochs` epochs, keep the better half on validation, double, repeat.
-
-    The trials keep their own schedules (a cut trial has simply stopped early); the survivors
-    resume from their last.pth. Returns the trials still to finish.
-    """
-    rung = first_epochs
-    alive = list(trials)
-    while len(alive) > 1 and rung < max(t["epochs"] for t in alive):
-        scored = []
-        for t in alive:
-            r = run_trial(t, stop_after=rung)
-            rows[t["name"]] = r
-            scored.append((r.get("val_top1") if r["status"] in ("stopped", "done") else -1, t))
-        scored.sort(key=lambda s: -(s[0] if s[0] is not None and not math.isnan(s[0]) else -1))
-        keep = max(1, len(scored) // 2)
-        for _, t in scored[keep:]:
-            if rows[t["name"]]["status"] == "stopped":
-                rows[t["name"]]["status"] = f"cut at epoch {rung}"
-        alive = [t for _, t in scored[:keep]]
-        rung *= 2
-    return alive
-
-
-def load_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def is_writer():
+    """Under torchrun only rank 0 writes the tables (every rank trains)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def row_of(t, m, status, error="", val=None):
     m = m or {}
-    return {"trial": t["name"], "model": t["arch"], "weights": t["weights"], "batch_size": t["batch_size"],
-            "epochs": t["epochs"], "lr": t["lr"], "weight_decay": t["weight_decay"], "strategy": t["unfreeze"],
-            "Top@1": m.get("test_top1"), "val_top1": m.get("best_val_top1", val), "test_top5": m.get("test_top5"),
+    seconds = m.get("train_seconds")
+    return {"model": t["arch"], "batch_size": t["batch_size"], "epochs": t["epochs"], "lr": t["lr"],
+            "weight_decay": t["weight_decay"], "strategy": t["unfreeze"], "Top@1": m.get("test_top1"),
+            "val_top1": m.get("best_val_top1", val), "test_top5": m.get("test_top5"),
             "mean_class_acc": m.get("test_mean_class_acc"),
-            "minutes": round(m["train_seconds"] / 60, 2) if "train_seconds" in m else None,
-            "status": status, "error": error}
+            "minutes": round(seconds / 60, 2) if seconds is not None else None, "weights": t["weights"],
+            "status": status, "run": f"{Path(t['script']).name}/{t['name']}", "error": error, "trial": t["name"]}
 
 
-RESULT_COLUMNS = ("model", "weights", "batch_size", "epochs", "lr", "weight_decay", "strategy", "Top@1", "val_top1",
-                  "test_top5", "mean_class_acc", "minutes", "status", "trial", "error")
+def first_row(t):
+    """A trial's row before this run trains anything: finished (metrics.json) or pending."""
+    m = load_json(run_dir_of(t) / "metrics.json")
+    return row_of(t, m, "done") if isinstance(m, dict) and "test_top1" in m else row_of(t, None, "pending")
 
 
-def write_results(root, rows):
-    """results.csv and results.md, ranked by validation top-1 (the test set decides nothing)."""
-    key = lambda r: (r["status"] != "done", -(r["val_top1"] if r["val_top1"] is not None else -1))
-    ranked = sorted(rows, key=key)
-    root.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(ranked)
-    atomic_write(root / "results.csv", lambda f: f.write(buf.getvalue().encode()))
-    atomic_write(root / "results.md", lambda f: f.write(markdown_table(ranked, RESULT_COLUMNS).encode()))
-    return ranked
+def score(v):
+    """Validation top-1 as a number for ranking; missing or NaN (no validation images) ranks last."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return -math.inf
+    return -math.inf if math.isnan(v) else v
+
+
+def rank_rows(rows):
+    """Finished trials first, by validation top-1 (higher first), ties in grid order; then cut,
+    stopped, pending and failed ones by the same score. The test columns take no part."""
+    return sorted(rows, key=lambda r: (r["status"] != "done", -score(r.get("val_top1"))))
+
+
+# --------------------------------------------------------------------------------------------
+# Successive halving.
+# --------------------------------------------------------------------------------------------
+def successive_halving(trials, first, rows, root):
+    """Race the trials on validation at rungs first, 2*first, ... epochs (rules: module docstring).
+
+    rows (trial name -> row) is updated in place. -> (survivors still to finish, names trained here).
+    """
+    path = root / "halving.json"
+    state = load_json(path)
+    scores = state.get("scores", {}) if isinstance(state, dict) else {}  # "rung" -> {trial: val top-1}
+    trained = []
+    alive = [t for t in trials if rows[t["name"]]["status"] != "failed"]
+    order = {t["name"]: i for i, t in enumerate(trials)}  # ties go to the trial listed first in the grid
+    rung = first
+    while len(alive) > 1 and rung < max(t["epochs"] for t in alive):
+        at = scores.setdefault(str(rung), {})
+        for t in alive:
+            name = t["name"]
+            if name in at:
+                continue  # decided in an earlier run of this grid: replay, do not train
+            if rows[name]["status"] == "done":
+                at[name] = rows[name]["val_top1"]
+            else:
+                print(f"halving: {name} to epoch {min(rung, t['epochs'])}", flush=True)
+                rows[name] = run_trial(t, stop_after=rung)
+                trained.append(name)
+                if rows[name]["status"] == "failed":
+                    continue
+                at[name] = rows[name]["val_top1"]
+            if is_writer():
+                write_json(path, {"first": first, "scores": scores})
+                write_results(root, rows.values())
+        ranked = sorted((t for t in alive if t["name"] in at), key=lambda t: (-score(at[t["name"]]), order[t["name"]]))
+        keep = (len(ranked) + 1) // 2
+        for t in ranked[keep:]:
+            name = t["name"]
+            if rows[name]["status"] != "done":
+                rows[name] = row_of(t, None, f"cut at epoch {rung}", val=at[name])
+                if name in trained and is_writer():
+                    write_cut_hparams(t, at[name])
+        alive = ranked[:keep]
+        print(f"halving: rung {rung} epochs, kept {', '.join(t['name'] for t in alive)}", flush=True)
+        rung *= 2
+    return alive, trained
+
+
+def write_cut_hparams(t, val_top1):
+    """HParams record of a cut trial (validation only: it is never tested), in its own event folder."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir_of(t)))
+    for s in hparams_summaries(t, {"hparam/best_val_top1": val_top1}):
+        writer.file_writer.add_summary(s)
+    writer.add_scalar("hparam/best_val_top1", val_top1, 0)
+    writer.close()
+
+
+def halving_epochs(epochs_per_trial, first, longest_survive=True):
+    """Epochs a grid trains -> (with successive halving from `first` epochs, without).
+
+    Follows successive_halving()'s rule. Which trials survive is decided on validation; when
+    the trials' epochs differ, the longest ones are taken to survive (the most halving can
+    cost), or with longest_survive=False the shortest ones (the least). Equal epochs: exact.
+    """
+    without = sum(epochs_per_trial)
+    if first < 1:
+        return without, without
+    alive = sorted(epochs_per_trial, reverse=longest_survive)
+    total, rung = 0, first
+    while len(alive) > 1 and rung < max(alive):
+        keep = (len(alive) + 1) // 2
+        total += sum(min(rung, e) for e in alive[keep:])  # cut here, after min(rung, own) epochs
+        alive = alive[:keep]
+        rung *= 2
+    return total + sum(alive), without  # the survivors train to their own end
+
+
+# --------------------------------------------------------------------------------------------
+# Results tables.
+# --------------------------------------------------------------------------------------------
+def load_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 def fmt(v):
-    if v is None:
+    if v is None or v == "":
         return "-"
     if isinstance(v, float):
         return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:g}"
@@ -182,41 +345,172 @@ def markdown_table(rows, columns):
     return "\n".join(lines) + "\n"
 
 
-def run_compare(config, base=None, group="compare"):
-    """Pretrained vs random initialisation, same data, epochs and image size; the random one trains every layer."""
-    base = dict(base or config)
-    pre = dict(base, weights=config["weights"] if config["weights"] != "none" else "imagenet")
-    scratch = dict(base, weights="none", unfreeze="all", backbone_lr_ratio=1.0)
-    rows = []
-    root = Path(config["out"]) / config["script"] / group
-    for label, c in (("pretrained", pre), ("random_init", scratch)):
-        c.update(out=config["out"], script=f"{config['script']}/{group}", name=label, resume="auto")
-        rows.append(dict(run_trial(c), trial=label))
-    a, b = rows[0]["Top@1"], rows[1]["Top@1"]
-    diff = None if a is None or b is None else a - b
-    text = markdown_table(rows, RESULT_COLUMNS)
-    text += f"\npretrained - random init, test top-1: {fmt(diff)} points\n"
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write(root / "results.md", lambda f: f.write(text.encode()))
+def csv_text(rows, columns):
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    atomic_write(root / "results.csv", lambda f: f.write(buf.getvalue().encode()))
-    write_json(root / "compare.json", {"pretrained_top1": a, "random_init_top1": b, "difference": diff})
-    print(text, flush=True)
+    return buf.getvalue()
+
+
+def write_tables(root, rows, columns, footer=""):
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / "results.csv", lambda f: f.write(csv_text(rows, columns).encode()))
+    atomic_write(root / "results.md", lambda f: f.write((markdown_table(rows, columns) + footer).encode()))
+
+
+def write_results(root, rows):
+    """results.csv and results.md of a grid, ranked on validation -> the ranked rows."""
+    ranked = rank_rows(list(rows))
+    if is_writer():
+        write_tables(root, ranked, RESULT_COLUMNS)
+    return ranked
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points.
+# --------------------------------------------------------------------------------------------
+def run_grid(config, grid, explicit=(), from_spec=False):
+    """Every trial in OUT/<script>/<group>/<trial>/, ranked on validation, resumable.
+
+    -> (ranked rows, {trial name: trial config}).
+    """
+    group = config["name"] or "grid"
+    root = Path(config["out"]) / config["script"] / group
+    axes = grid_axes(grid, explicit, from_spec)
+    trials = grid_trials(config, axes, explicit)
+    varied = [k for k in axes if len({str(t[k]) for t in trials}) > 1]
+    trials = [place(t, config["out"], config["script"], group, trial_name(t, varied)) for t in trials]
+    names = [t["name"] for t in trials]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash:
+        fail(f"two grid trials would share the folder {clash} (weights files with the same name?)")
+    for t in trials:
+        check_run_folder(t)
+    rows = {t["name"]: first_row(t) for t in trials}
+    done = sum(r["status"] == "done" for r in rows.values())
+    print(f"{group}: {len(trials)} trials in {root}; {done} finished earlier (reused), {len(trials) - done} to run",
+          flush=True)
+    write_results(root, rows.values())
+    todo = [t for t in trials if rows[t["name"]]["status"] != "done"]
+    trained = []
+    if config["halving"] and todo:
+        todo, trained = successive_halving(trials, config["halving"], rows, root)
+    for t in todo:
+        if rows[t["name"]]["status"] == "done":
+            continue
+        print(f"{group}: trial {t['name']} ({names.index(t['name']) + 1}/{len(trials)})", flush=True)
+        rows[t["name"]] = run_trial(t)
+        trained.append(t["name"])
+        write_results(root, rows.values())
+    ranked = write_results(root, rows.values())
+    trained = list(dict.fromkeys(trained))
+    if trained:
+        print(f"{group}: trained {len(trained)} trial(s) in this run: {', '.join(trained)}", flush=True)
+    else:
+        print(f"{group}: nothing to train, every trial had finished or was cut (results reused)", flush=True)
+    failed = [r["trial"] for r in ranked if r["status"] == "failed"]
+    if failed:
+        print(f"{group}: {len(failed)} trial(s) failed (see {root / 'results.csv'}): {', '.join(failed)}",
+              file=sys.stderr, flush=True)
+    best = next((r for r in ranked if r["status"] == "done"), None)
+    if best:
+        print(f"{group} winner by validation: {best['trial']} (val top-1 {fmt(best['val_top1'])}%, "
+              f"test top-1 {fmt(best['Top@1'])}%)  -> {root / 'results.md'}", flush=True)
+    return ranked, {t["name"]: t for t in trials}
+
+
+def grid_winner(root):
+    """The config of the finished trial best on validation in an earlier grid's folder, or None."""
+    path = root / "results.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rank_rows([r for r in rows if r.get("status") == "done"]):
+        c = load_json(root.parent / r["run"] / "config.json")
+        if isinstance(c, dict) and (root.parent / r["run"] / "metrics.json").is_file():
+            return c
+    return None
+
+
+def run_compare(config, explicit=(), winner=None):
+    """The pretrained network against random initialisation: same data, epochs, image size,
+    batch, lr and weight decay; the random one trains every layer at one lr.
+
+    winner: a grid trial's config (--grid --compare). Without it, the winner of an earlier
+    --grid in OUT/<script>/<--name or grid>/ is used when there is one, with the options given
+    on this command line applied over it. -> (rows, pretrained minus random test top-1, points).
+    """
+    grid_root = Path(config["out"]) / config["script"] / (config["name"] or "grid")
+    if winner is not None:
+        pre = dict(winner)
+    else:
+        winner = grid_winner(grid_root)
+        pre = dict(config)
+        if winner is not None:
+            pre.update({k: winner[k] for k in GRID_KEYS if k in winner and k not in explicit})
+            print(f"compare: starting from the grid winner {winner['name']} in {grid_root}", flush=True)
+    if pre["weights"] == "none":
+        fail("--compare trains the pretrained network against random init: give --weights imagenet or PATH, not none")
+    group = f"{grid_root.name}-compare" if winner is not None else (config["name"] or "compare")
+    root = Path(config["out"]) / config["script"] / group
+    scratch = dict(pre, weights="none", unfreeze="all", backbone_lr_ratio=1.0)
+    runs = [("pretrained", pre), ("random init", scratch)]
+    runs = [(label, place(c, config["out"], config["script"], group, label.replace(" ", "_"))) for label, c in runs]
+    reuse = winner is not None and not differing_options(winner, pre) and first_row(winner)["status"] == "done"
+    if reuse:  # the grid already trained exactly this network: do not train it twice
+        runs[0] = ("pretrained", winner)
+    for _, c in runs:
+        check_config(c)
+        if c is not winner:
+            check_run_folder(c)
+    rows = []
+    for label, c in runs:
+        if c is winner:
+            print(f"compare: pretrained = grid trial {run_dir_of(c)} (finished, reused)", flush=True)
+            row = first_row(c)
+        else:
+            row = first_row(c)
+            if row["status"] != "done":
+                print(f"compare: training {label} in {run_dir_of(c)}", flush=True)
+                row = run_trial(c)
+        rows.append(dict(row, init=label))
+    a, b = rows[0]["Top@1"], rows[1]["Top@1"]
+    diff = None if a is None or b is None else a - b
+    footer = f"\npretrained - random init, test top-1: {fmt(diff)} points\n"
+    if is_writer():
+        write_tables(root, rows, ("init",) + RESULT_COLUMNS, footer)
+        write_json(root / "compare.json", {"pretrained_top1": a, "random_init_top1": b, "difference": diff,
+                                           "pretrained_run": rows[0]["run"], "random_init_run": rows[1]["run"]})
+    print(markdown_table(rows, ("init",) + RESULT_COLUMNS) + footer, flush=True)
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        fail(f"--compare: the {failed[0]['init']} run failed: {failed[0]['error']} (see {root / 'results.md'})")
     return rows, diff
 
 
 def run(config, grid, explicit=()):
-    """--grid / --grid-spec / --compare, as main() received them."""
-    if config["grid"] or config["grid_spec"]:
-        g = parse_grid_spec(config["grid_spec"]) if config["grid_spec"] else grid
-        ranked, trials = run_grid(config, g, explicit)
-        if config["compare"]:
-            winner = next((r for r in ranked if r["status"] == "done"), None)
-            if winner is None:
-                fail("--compare: no grid trial finished, nothing to compare")
-            run_compare(config, trials[winner["trial"]], group="grid-compare")
-        return ranked
-    return run_compare(config)
+    """--grid / --grid-spec / --compare, as common.main() received them (explicit: option dests given)."""
+    explicit = set(explicit)
+    if config["halving"] < 0:
+        fail(f"--halving must be >= 0 (got {config['halving']})")
+    is_grid = bool(config["grid"] or config["grid_spec"])
+    if config["halving"] and not is_grid:
+        fail("--halving works with --grid or --grid-spec")
+    if config["resume"] not in (None, "auto"):
+        fail("--resume PATH continues one run; a grid or a comparison resumes its own runs: rerun the same command")
+    scan_split(config["data"])  # a missing or empty data folder stops here, before anything is written
+    if not is_grid:
+        return run_compare(config, explicit)[0]
+    axes = parse_grid_spec(config["grid_spec"]) if config["grid_spec"] else grid
+    if not axes:
+        fail("this script has no GRID; give one with --grid-spec")
+    ranked, trials = run_grid(config, axes, explicit, from_spec=bool(config["grid_spec"]))
+    winner = next((r for r in ranked if r["status"] == "done"), None)
+    if winner is None:
+        fail(f"no grid trial finished; see {Path(config['out']) / config['script'] / (config['name'] or 'grid')}"
+             f"/results.csv")
+    if config["compare"]:
+        run_compare(config, explicit, winner=trials[winner["trial"]])
+    return ranked

@@ -151,3 +151,26 @@ def test_missing_or_empty_train_is_a_clear_error(tmp_path):
             common.main(R50_DEFAULTS, {}, argv=["--data", str(data), "--out", str(tmp_path / "runs"), "--weights",
                                                 "none"], script="main_ResNet-50")
     assert not (tmp_path / "runs").exists()
+
+
+def test_head_only_caches_features_once_and_leaves_the_backbone_bit_identical(tiny_split, tmp_path):
+    import efficientnet_lite
+
+    weights = tmp_path / "lite0_imagenet.pth"  # the genuine ImageNet weights, saved by the test
+    torch.save(efficientnet_lite.imagenet_state_dict(), weights)
+    args = ["--data", tiny_split, "--out", tmp_path / "runs", "--weights", weights, "--unfreeze", "head",
+            "--epochs", "3", "--img-size", "64", "--workers", "0", "--cache-dir", tmp_path / "cache"]
+    first = run_script("main_EfficientNet_Lite0.py", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("features of") == 3  # train, val, test: one backbone pass each
+    assert len(list((tmp_path / "cache").glob("features-efficientnet_lite0-*.pt"))) == 3
+    again = run_script("main_EfficientNet_Lite0.py", *args, "--name", "again", "--lr", "3e-3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "features of" not in again.stdout  # the cached features were reused
+    run_dir = next(d for d in (tmp_path / "runs" / "main_EfficientNet_Lite0").iterdir() if d.name != "again")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_images"] == 24 and metrics["epochs"] == 3
+    src = torch.load(weights, weights_only=True)
+    best = torch.load(run_dir / "best.pth", weights_only=True)["model"]
+    assert all(torch.equal(src[k], best[k]) for k in best if not k.startswith("classifier.1."))
+    assert best["classifier.1.weight"].shape == (12, 1280)
