@@ -1,0 +1,206 @@
+"""Throughput of the training input path alone: image files -> normalised batches on the device.
+
+    python bench/bench_data.py --data DIR --recipe resnet --workers 2             # ours
+    python bench/bench_data.py --data DIR --recipe resnet --workers 2 --original  # the original
+
+    python bench/bench_data.py --data DIR --recipe resnet --workers 2 --compare --repeats 3
+
+DIR holds train/<class>/*.jpg. Ours = pipeline.build_loader with the original script's `seed`
+augmentation; --original = torchvision ImageFolder + the original script's transforms +
+DataLoader(shuffle) with the same workers and batch size. Both are timed the same way: the
+first --warmup batches are not counted, then whole batches are counted for --seconds
+(epochs repeat as needed). Besides wall-clock images/s it reports the CPU time of the whole
+process tree (main + loader workers) per image, which a busy shared machine disturbs less.
+--compare alternates ours and the original --repeats times each and prints the medians and
+their ratio. The process (and so both sides, workers included) first calls
+pipeline.keep_freed_memory(), as our training scripts do; the original never did, so this
+can only flatter the original. Prints cache_build_s=X and, last, images_per_s=N (ours with
+--compare).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import pipeline  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# --recipe -> (pipeline recipe, crop px, resize px) as the original scripts ran them
+RECIPES = {"resnet": ("resnet18", 224, 256), "efficientnet_b4": ("efficientnet_b4", 380, 380)}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="folder with train/<class>/ images")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="resnet",
+                   help="which original train transforms (default: resnet = ResNet-18's)")
+    p.add_argument("--seconds", type=float, default=20.0,
+                   help="measured time after the warm-up, s (default: 20)")
+    p.add_argument("--warmup", type=int, default=6,
+                   help="batches not counted, more than the prefetched ones (default: 6)")
+    p.add_argument("--device", default="cpu", help="where batches must end up (default: cpu)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes (default: 2)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the main process (default: 1)")
+    p.add_argument("--cache-dir", default=None,
+                   help="decode cache folder (default: none, the cache is built in memory)")
+    p.add_argument("--gpu-augment", choices=("auto", "on", "off"), default="auto",
+                   help="ours: batched tensor augmentation; auto = on for CUDA (default: auto)")
+    p.add_argument("--original", action="store_true",
+                   help="measure the original PIL pipeline instead of ours")
+    p.add_argument("--compare", action="store_true",
+                   help="measure ours and the original alternately, print medians and ratio")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measurements per side with --compare (default: 3)")
+    return p
+
+
+def tree_cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process and all its live descendants (Linux /proc)."""
+    pid = os.getpid() if pid is None else pid
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / tick   # utime, stime
+        kids = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+    except (FileNotFoundError, ProcessLookupError):   # a process that just ended
+        return 0.0
+    return total + sum(tree_cpu_seconds(k) for k in kids)
+
+
+def original_transform(recipe: str):
+    """The original scripts' train transforms, verbatim (ORIGINAL.md)."""
+    from torchvision import transforms as T
+    if recipe == "resnet":
+        steps = [T.Resize(256), T.RandomResizedCrop(224, scale=(0.7, 1.0)),
+                 T.RandomHorizontalFlip(), T.RandomRotation(15),
+                 T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
+                 T.RandomGrayscale(p=0.1)]
+    else:
+        steps = [T.Resize(380), T.RandomResizedCrop(380, scale=(0.6, 1.4)),
+                 T.RandomHorizontalFlip(), T.RandomRotation(20), T.ColorJitter(0.2, 0.2, 0.2, 0.1),
+                 T.GaussianBlur(kernel_size=3, sigma=(0.1, 2.0)),
+                 T.RandomPerspective(distortion_scale=0.2, p=0.5)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def batches_forever(make_epoch_iter):
+    epoch = 0
+    while True:
+        yield from make_epoch_iter(epoch)
+        epoch += 1
+
+
+def measure(batches, device: torch.device, warmup: int, seconds: float) -> tuple[float, float]:
+    """(images/s, CPU ms/image) over whole batches after `warmup` batches (on the device)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        next(batches)
+    sync()
+    count, start, cpu = 0, time.perf_counter(), tree_cpu_seconds()
+    while time.perf_counter() - start < seconds:
+        x, _ = next(batches)
+        count += len(x)
+        if device.type == "cuda":
+            sync()
+    cpu = tree_cpu_seconds() - cpu
+    return count / (time.perf_counter() - start), 1e3 * cpu / count
+
+
+def wait_idle(limit_s: float = 60.0) -> None:
+    """Wait until this process tree stops using CPU (the other side's workers finish their
+    prefetched batches), so that one side's CPU time is not counted in the other's window."""
+    end = time.perf_counter() + limit_s
+    last, quiet = tree_cpu_seconds(), 0
+    while quiet < 2 and time.perf_counter() < end:
+        time.sleep(0.5)
+        now = tree_cpu_seconds()
+        quiet = quiet + 1 if now - last < 0.05 else 0
+        last = now
+
+
+def make_original(args, device):
+    """Batches of the original pipeline, forever."""
+    from torchvision.datasets import ImageFolder
+    ds = ImageFolder(os.path.join(args.data, "train"), transform=original_transform(args.recipe))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.workers, persistent_workers=args.workers > 0,
+        pin_memory=device.type == "cuda")
+
+    def epoch_iter(epoch):
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return len(ds), batches_forever(epoch_iter)
+
+
+def make_ours(args, device):
+    """Batches of pipeline.build_loader (builds or reuses the cache), forever."""
+    from torchvision.datasets import ImageFolder
+    name, crop, resize = RECIPES[args.recipe]
+    samples = ImageFolder(os.path.join(args.data, "train")).samples   # (path, class index)
+    pre = pipeline.Preprocess(crop=crop, resize=resize, mean=MEAN, std=STD)
+    loader = pipeline.build_loader(
+        samples, train=True, preprocess=pre, augment="seed", recipe=name,
+        batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
+        cache_dir=args.cache_dir,
+        gpu_augment={"auto": None, "on": True, "off": False}[args.gpu_augment])
+
+    def epoch_iter(epoch):
+        loader.set_epoch(epoch)
+        yield from loader
+    return len(loader.samples), batches_forever(epoch_iter)
+
+
+def main(argv=None) -> None:
+    args = get_args_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipeline.keep_freed_memory()
+    device = torch.device(args.device)
+    if not os.path.isdir(os.path.join(args.data, "train")):
+        raise SystemExit(f"no train/ folder in {args.data}")
+    if args.seconds <= 0 or args.repeats < 1 or args.workers < 0:
+        raise SystemExit("--seconds and --repeats must be positive, --workers >= 0")
+    start = time.perf_counter()
+    if args.original and not args.compare:
+        n, batches = make_original(args, device)
+        build = 0.0
+    else:
+        n, batches = make_ours(args, device)
+        build = time.perf_counter() - start
+    print(f"images={n}\ncache_build_s={build:.2f}", flush=True)
+    if not args.compare:
+        rate, cpu_ms = measure(batches, device, args.warmup, args.seconds)
+        print(f"cpu_ms_per_image={cpu_ms:.2f}\nimages_per_s={rate:.1f}")
+        return
+    _, original = make_original(args, device)
+    runs = {"ours": [], "original": []}
+    for r in range(args.repeats):
+        for side, it in (("ours", batches), ("original", original)):
+            wait_idle()
+            rate, cpu_ms = measure(it, device, args.warmup, args.seconds)
+            runs[side].append((rate, cpu_ms))
+            print(f"run {r + 1} {side}: images_per_s={rate:.1f} cpu_ms_per_image={cpu_ms:.2f}",
+                  flush=True)
+    med = {side: (statistics.median(x for x, _ in v), statistics.median(c for _, c in v))
+           for side, v in runs.items()}
+    print(f"original_images_per_s={med['original'][0]:.1f}\n"
+          f"original_cpu_ms_per_image={med['original'][1]:.2f}\n"
+          f"cpu_ms_per_image={med['ours'][1]:.2f}\n"
+          f"speedup_wall={med['ours'][0] / med['original'][0]:.2f}\n"
+          f"speedup_cpu={med['original'][1] / med['ours'][1]:.2f}\n"
+          f"images_per_s={med['ours'][0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""The training input path (pipeline.py): augmentation statistics recovered from rendered
+images, evaluation preprocessing against torchvision, determinism, DDP sharding, the decode
+cache, bad files. Small images and workers=0 keep it to a few seconds of CPU.
+
+Geometry is recovered from "coordinate images": R and G encode each pixel's x and y as a
+fraction of the image size, B = 255 marks real content (rotation fills 0). A least-squares
+affine fit from output pixels to decoded source pixels gives the crop box, flip and angle.
+"""
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+import pipeline as P
+
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+CPU = torch.device("cpu")
+PATHS = {"cpu": False, "tensor": True}   # gpu_augment forced: PIL path, batched tensor path
+
+
+def coord_image(w, h):
+    x = (np.arange(w) + 0.5) / w
+    y = (np.arange(h) + 0.5) / h
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = np.rint(255 * x)[None, :]
+    img[..., 1] = np.rint(255 * y)[:, None]
+    img[..., 2] = 255
+    return Image.fromarray(img)
+
+
+@pytest.fixture(scope="module")
+def coord_samples(tmp_path_factory):
+    """Landscape, portrait (stored transposed) and very wide (stored squashed) images."""
+    root = tmp_path_factory.mktemp("coords")
+    sizes = [(120, 80), (80, 120), (96, 96), (200, 70), (150, 100), (90, 130)]
+    out = []
+    for i, (w, h) in enumerate(sizes):
+        path = root / f"c{i}.png"
+        coord_image(w, h).save(path)
+        out.append((str(path), i))
+    return out
+
+
+def fit_geometry(x, pre, size_hw):
+    """Recover (area fraction, aspect w/h, flip, angle deg) from a rendered coordinate image.
+
+    x: normalised [3, crop, crop]; size_hw: (h0, w0) of the Resize(resize) image.
+    """
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    img = (x * std + mean).numpy()
+    crop = img.shape[-1]
+    valid = img[2] > 0.98
+    # drop the border and the pixels next to the fill, where interpolation mixes in black
+    inner = valid.copy()
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        inner &= np.roll(valid, (dy, dx), (0, 1))
+    inner[:2], inner[-2:], inner[:, :2], inner[:, -2:] = False, False, False, False
+    v, u = np.nonzero(inner)
+    h0, w0 = size_hw
+    sx, sy = img[0][v, u] * w0, img[1][v, u] * h0            # source px, resized frame
+    A = np.stack([u + 0.5, v + 0.5, np.ones_like(u, dtype=float)], 1)
+    cx, *_ = np.linalg.lstsq(A, sx, rcond=None)
+    cy, *_ = np.linalg.lstsq(A, sy, rcond=None)
+    lin = np.array([cx[:2], cy[:2]])                          # output px -> source px
+    w, h = crop * np.linalg.norm(lin[0]), crop * np.linalg.norm(lin[1])
+    rot = np.diag([crop / w, crop / h]) @ lin                 # = Flip @ Rot, flip optional
+    flip = np.linalg.det(lin) < 0
+    if flip:
+        rot = np.diag([-1, 1]) @ rot
+    # the map is PIL's inverse rotation: [[cos a, sin a], [-sin a, cos a]], a = -angle
+    angle = -math.degrees(math.atan2(rot[0, 1], rot[0, 0]))
+    return w * h / (w0 * h0), w / h, flip, angle
+
+
+def cached(samples, pre, augmented=True):
+    images, meta, _, _ = P.load_or_build_cache([p for p, _ in samples],
+                                               P.cache_geometry(pre, augmented), None, False)
+    return images, np.array(meta["sizes"])
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation statistics
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", PATHS)
+def test_geometry_matches_drawn_parameters(coord_samples, path):
+    """Both renderers realise the drawn crop box, flip and rotation (seed resnet18 ranges)."""
+    pre = P.Preprocess(crop=40, resize=48, **IMAGENET)
+    images, sizes = cached(coord_samples, pre)
+    rows = np.arange(96) % len(coord_samples)
+    recipe = P.SEED_RECIPES["resnet18"]
+    p = P.draw_params(recipe, sizes[rows], pre.crop, np.random.default_rng(3))
+    # colour off so R/G still encode coordinates; geometry exactly as drawn
+    for k in ("brightness", "contrast", "saturation"):
+        p[k] = np.ones(len(rows))
+    p["hue"], p["gray"] = np.zeros(len(rows)), np.zeros(len(rows), bool)
+    plan = P.plan_arrays(p, sizes[rows], pre.crop, P.cache_geometry(pre, True)["long"])
+    x = P.augment_batch(images, rows, plan, pre, tensor_path=PATHS[path])
+    got = np.array([fit_geometry(x[k], pre, sizes[r]) for k, r in enumerate(rows)])
+    area, aspect, flip, angle = got.T
+    i, j, h, w = p["box"].T
+    drawn_area = h * w / (sizes[rows, 0] * sizes[rows, 1])
+    assert np.array_equal(flip.astype(bool), p["flip"])
+    assert np.abs(angle - p["angle"]).max() < 2.0                      # degrees
+    assert np.abs(area / drawn_area - 1).max() < 0.08
+    assert np.abs(aspect / (w / h) - 1).max() < 0.08
+    # and the drawn parameters follow the recipe
+    assert 0.35 < p["flip"].mean() < 0.65
+    assert np.abs(p["angle"]).max() <= 15 and np.abs(p["angle"]).max() > 12
+    aspect0 = sizes[rows, 1] / sizes[rows, 0]
+    fits = aspect0 < 2    # 0.7 of a 200x70 image cannot have an aspect <= 4/3 ...
+    assert drawn_area[fits].min() > 0.7 - 0.02 and drawn_area.max() <= 1.0 + 1e-9
+    # ... so torchvision falls back to the central 4/3 crop of full height
+    assert np.allclose(drawn_area[~fits], (4 / 3) / aspect0[~fits], rtol=0.03)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_light_augment_statistics_through_loader(coord_samples, path):
+    """Public API, augment=light: flip rate ~0.5, area in [0.08, 1], aspect in [3/4, 4/3]."""
+    pre = P.Preprocess(crop=40, resize=48, **IMAGENET)
+    loader = P.build_loader(coord_samples, train=True, preprocess=pre, augment="light",
+                            recipe="resnet18", batch_size=6, workers=0, device=CPU, seed=1,
+                            cache_dir=None, progress=False, gpu_augment=PATHS[path])
+    sizes = {y: s for y, s in enumerate(cached(coord_samples, pre)[1])}
+    fits = []
+    for epoch in range(30):
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            assert x.shape == (6, 3, 40, 40) and x.dtype == torch.float32
+            assert y.dtype == torch.int64
+            fits += [fit_geometry(x[k], pre, sizes[int(y[k])]) for k in range(len(y))]
+    area, aspect, flip, angle = np.array(fits).T
+    assert len(fits) == 180
+    assert 0.38 < flip.mean() < 0.62
+    assert area.min() > 0.08 * 0.9 and area.max() < 1.05 and area.min() < 0.3
+    assert aspect.min() > 0.75 * 0.93 and aspect.max() < 4 / 3 * 1.07
+    assert np.abs(angle).max() < 2.0   # light has no rotation
+
+
+def colour_samples(real_split):
+    """real_split train images that are in colour (gray sources stay gray under jitter)."""
+    out = []
+    for path in sorted((real_split / "train").glob("*/*.jpg")):
+        a = np.asarray(Image.open(path).convert("RGB"), np.int16)
+        if np.abs(a[..., 0] - a[..., 1]).max() > 8:
+            out.append((str(path), len(out)))
+    return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_grayscale_rate_and_normalisation(real_split, path):
+    """resnet18 seed: ~10 % of outputs have equal channels; values inside Normalize's range."""
+    samples = colour_samples(real_split)
+    pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
+    loader = P.build_loader(samples, train=True, preprocess=pre, augment="seed",
+                            recipe="resnet18", batch_size=64, workers=0, device=CPU, seed=0,
+                            cache_dir=None, progress=False, gpu_augment=PATHS[path])
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    gray, n = 0, 0
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            rgb = x * std + mean
+            assert rgb.min() > -1e-5 and rgb.max() < 1 + 1e-5     # clipped like ToTensor
+            spread = (rgb.amax(1) - rgb.amin(1)).flatten(1).amax(1)
+            gray += int((spread < 1e-4).sum())
+            n += len(x)
+    assert n > 900
+    assert 0.06 < gray / n < 0.14, gray / n
+
+
+def test_tensor_path_agrees_with_pil_path(real_split):
+    """Same plan, both renderers: the same images up to interpolation (B4 recipe incl. blur,
+    perspective and hue)."""
+    samples = colour_samples(real_split)[:32]
+    pre = P.Preprocess(crop=32, resize=36, **IMAGENET)
+    images, sizes = cached(samples, pre)
+    rows = np.arange(len(samples))
+    for recipe in ("resnet18", "efficientnet_b4"):
+        p = P.draw_params(P.SEED_RECIPES[recipe], sizes, pre.crop, np.random.default_rng(5))
+        plan = P.plan_arrays(p, sizes, pre.crop, P.cache_geometry(pre, True)["long"])
+        a = P.augment_batch(images, rows, plan, pre, tensor_path=False)
+        b = P.augment_batch(images, rows, plan, pre, tensor_path=True)
+        per_image = (a - b).abs().mean((1, 2, 3))
+        assert per_image.max() < 0.25 and per_image.mean() < 0.12, (recipe, per_image.max())
+
+
+def test_colour_matrices_follow_jitter_semantics():
+    n = 4
+    p = dict(brightness=np.array([1.2, 1.0, 1.0, 1.0]), contrast=np.array([1.0, 0.5, 1.0, 1.0]),
+             saturation=np.array([1.0, 1.0, 0.0, 1.0]), hue=np.array([0, 0, 0, 0.25]),
+             order=np.tile(np.arange(4), (n, 1)), gray=np.zeros(n, bool))
+    M, K = P.colour_matrices(p)
+    x, mu = np.array([200.0, 100.0, 50.0]), np.array([80.0, 60.0, 40.0])
+    out = M @ x + K @ mu
+    w = np.array(P.GRAY_WEIGHTS)
+    assert np.allclose(out[0], 1.2 * x)                                   # brightness
+    assert np.allclose(out[1], 0.5 * x + 0.5 * (w @ mu))                  # contrast to mean gray
+    assert np.allclose(out[2], w @ x)                                     # saturation 0 = gray
+    assert np.allclose(out[3].sum(), x.sum()) and out[3][1] > x[1]       # hue turns red to green
+    assert np.allclose(M[3] @ np.ones(3), np.ones(3))                     # gray axis is fixed
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.5, 1.0, 2.0])
+def test_uint8_blur_matches_torchvision_gaussian_blur(real_split, sigma):
+    """The CPU path's int16 fixed-point blur: within 1 level of torchvision's GaussianBlur(3)
+    (reflect padding, float, one rounding), borders included; sigma 0.2 leaves the image."""
+    import torchvision.transforms.functional as TF
+    path = sorted((real_split / "train").glob("*/*.jpg"))[3]
+    img = Image.open(path).convert("RGB")
+    a = np.asarray(img)
+    ref = np.asarray(TF.gaussian_blur(img, 3, [sigma, sigma])).astype(int)
+    got = P.blur_u8(a, sigma).astype(int)
+    assert got.shape == a.shape
+    assert np.abs(got - ref).max() <= 1, (sigma, np.abs(got - ref).max())
+    if sigma < 0.25:
+        assert np.array_equal(got, a)
+    else:
+        assert np.abs(got - a).mean() > 1.0          # it does blur
+
+
+def test_pil_path_colour_matches_torchvision_jitter(real_split):
+    """Identity geometry, brightness/contrast/saturation in drawn orders and grayscale: the
+    uint8 colour matrix reproduces torchvision's sequential PIL ops up to their roundings
+    (torchvision truncates and clips after every op, we round and clip once)."""
+    import torchvision.transforms.functional as TF
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+    paths = [p for p, _ in colour_samples(real_split)[:12]]
+    srcs = [np.ascontiguousarray(np.asarray(Image.open(p).convert("RGB"))[:40, :40]) for p in paths]
+    n, crop = len(srcs), 40
+    sizes = np.full((n, 2), crop)
+    recipe = P._recipe(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.3, contrast=0.3,
+                       saturation=0.3, grayscale=0.3)
+    p = P.draw_params(recipe, sizes, crop, np.random.default_rng(11))
+    assert p["gray"].any() and not p["gray"].all()
+    assert (p["box"] == [0, 0, crop, crop]).all() and not p["flip"].any()
+    plan = P.plan_arrays(p, sizes, crop, crop)
+    diffs = []
+    for k in range(n):
+        got = P.render_pil(srcs[k], plan, k, crop).astype(int)
+        ref = Image.fromarray(srcs[k])
+        for op in p["order"][k]:
+            if op < 3:   # hue (3) is 0 in this recipe
+                ref = ops[op](ref, float(p[("brightness", "contrast", "saturation")[op]][k]))
+        if p["gray"][k]:
+            ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
+        diff = np.abs(got - np.asarray(ref).astype(int))
+        assert np.median(diff) <= 2, (k, np.median(diff))    # a level or two of rounding
+        diffs.append(diff.mean())
+        if p["gray"][k]:
+            assert np.array_equal(got[..., 0], got[..., 1]) and np.array_equal(got[..., 1], got[..., 2])
+    # PIL's blends truncate (about -0.5 level per op) and clip between ops, which we do not
+    assert np.mean(diffs) < 2.5, diffs
+
+
+def test_cpu_batches_are_channels_last_float32():
+    """The consumer's normalisation hands NCHW float32 in channels_last memory (no copy in
+    the loop's .to(channels_last)), equal to a plain per-channel (x / 255 - mean) / std."""
+    u8 = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    pre = P.Preprocess(crop=5, resize=5, **IMAGENET)
+    x = P.normalise_hwc(u8, pre)
+    assert x.shape == (2, 3, 5, 7) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    ref = (u8.permute(0, 3, 1, 2).double() / 255 - mean.double()) / std.double()
+    assert (x.double() - ref).abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation preprocessing
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_eval_matches_torchvision(real_split, path, interpolation):
+    """Resize -> CenterCrop -> ToTensor -> Normalize: max abs diff <= 1e-4 (float rounding)."""
+    files = sorted((real_split / "test").glob("*/*.jpg"))
+    samples = [(str(f), i) for i, f in enumerate(files)]
+    pre = P.Preprocess(crop=56, resize=64, interpolation=interpolation, **IMAGENET)
+    mode = T.InterpolationMode(interpolation)
+    ref_tf = T.Compose([T.Resize(64, interpolation=mode), T.CenterCrop(56), T.ToTensor(),
+                        T.Normalize(**IMAGENET)])
+    loader = P.build_loader(samples, train=False, preprocess=pre, augment="seed",
+                            recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
+                            cache_dir=None, progress=False, gpu_augment=PATHS[path])
+    got = torch.cat([x for x, _ in loader])
+    ys = torch.cat([y for _, y in loader])
+    assert torch.equal(ys, torch.arange(len(files)))                      # given order
+    ref = torch.stack([ref_tf(Image.open(f).convert("RGB")) for f in files])
+    assert (got - ref).abs().max() <= 1e-4
+
+
+def test_augment_none_is_eval_preprocessing_shuffled(real_split):
+    files = sorted((real_split / "test").glob("*/*.jpg"))[:40]
+    samples = [(str(f), i) for i, f in enumerate(files)]
+    pre = P.Preprocess(crop=56, resize=64, **IMAGENET)
+    ref_tf = T.Compose([T.Resize(64), T.CenterCrop(56), T.ToTensor(), T.Normalize(**IMAGENET)])
+    loader = P.build_loader(samples, train=True, preprocess=pre, augment="none",
+                            recipe="resnet18", batch_size=16, workers=0, device=CPU, seed=0,
+                            cache_dir=None, progress=False)
+    ys = []
+    for x, y in loader:
+        for k in range(len(y)):
+            ref = ref_tf(Image.open(files[int(y[k])]).convert("RGB"))
+            assert (x[k] - ref).abs().max() <= 1e-4
+        ys += y.tolist()
+    assert sorted(ys) == list(range(40)) and ys != list(range(40))
+
+
+def test_grayscale_and_palette_files_become_rgb(tmp_path):
+    gray = tmp_path / "g.png"
+    Image.fromarray(np.full((30, 40), 100, np.uint8)).save(gray)
+    pal = tmp_path / "p.png"
+    Image.fromarray(np.full((30, 40, 3), (200, 10, 10), np.uint8)).convert(
+        "P", palette=Image.ADAPTIVE).save(pal)
+    pre = P.Preprocess(crop=16, resize=20, mean=(0, 0, 0), std=(1, 1, 1))
+    loader = P.build_loader([(str(gray), 0), (str(pal), 1)], train=False, preprocess=pre,
+                            augment="seed", recipe="resnet18", batch_size=2, workers=0,
+                            device=CPU, seed=0, cache_dir=None, progress=False)
+    x, _ = next(iter(loader))
+    assert torch.allclose(x[0], torch.full((3, 16, 16), 100 / 255))
+    assert torch.allclose(x[1, :, 8, 8], torch.tensor([200, 10, 10]) / 255, atol=0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# determinism and sharding
+# --------------------------------------------------------------------------------------------
+def epoch_batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_same_seed_and_epoch_give_identical_batches(real_split, path):
+    samples = colour_samples(real_split)[:40]
+    pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
+
+    def make(workers):
+        return P.build_loader(samples, train=True, preprocess=pre, augment="seed",
+                              recipe="efficientnet_b4", batch_size=8, workers=workers,
+                              device=CPU, seed=7, cache_dir=None, progress=False,
+                              gpu_augment=PATHS[path])
+    a, b = make(0), make(2 if path == "cpu" else 0)   # worker processes change nothing
+    first, again, other = epoch_batches(a, 3), epoch_batches(b, 3), epoch_batches(a, 4)
+    assert len(first) == 5
+    for (x1, y1), (x2, y2) in zip(first, again):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(torch.cat([x for x, _ in first]), torch.cat([x for x, _ in other]))
+    assert not torch.equal(torch.cat([y for _, y in first]), torch.cat([y for _, y in other]))
+
+
+def test_train_shards_are_disjoint_equal_and_share_one_permutation(coord_samples):
+    samples = [(p, i) for i, (p, _) in enumerate(coord_samples * 4)]   # 24 samples
+    pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
+    world = 3
+    loaders = [P.build_loader(samples, train=True, preprocess=pre, augment="light",
+                              recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=2,
+                              cache_dir=None, rank=r, world_size=world, progress=False)
+               for r in range(world)]
+    shards = {}
+    for epoch in (0, 1):
+        seen = []
+        for loader in loaders:
+            ys = torch.cat([y for _, y in epoch_batches(loader, epoch)]).tolist()
+            assert len(ys) == loader.num_samples == 8 and len(loader) == 2
+            seen.append(ys)
+        assert sorted(sum(seen, [])) == list(range(24))                 # disjoint, covering
+        perm = np.random.default_rng([2, epoch]).permutation(24)
+        assert seen == [perm[r::3].tolist() for r in range(3)]          # DistributedSampler
+        shards[epoch] = seen
+    assert shards[0] != shards[1]
+
+
+def test_last_batch_of_one_is_dropped_in_training(coord_samples):
+    samples = [(p, i) for i, (p, _) in enumerate(coord_samples + coord_samples[:3])]   # 9
+    pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
+    loader = P.build_loader(samples, train=True, preprocess=pre, augment="light",
+                            recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
+                            cache_dir=None, progress=False)
+    sizes = [len(y) for _, y in loader]
+    assert sizes == [4, 4] and loader.num_samples == 8 and len(loader) == 2
+
+
+def test_eval_shards_cover_every_sample_once(coord_samples):
+    samples = [(p, i) for i, (p, _) in enumerate(coord_samples + coord_samples[:1])]   # 7
+    pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
+    seen = []
+    for r in range(3):
+        loader = P.build_loader(samples, train=False, preprocess=pre, augment="seed",
+                                recipe="resnet18", batch_size=2, workers=0, device=CPU,
+                                seed=0, cache_dir=None, rank=r, world_size=3, progress=False)
+        ys = [int(v) for _, y in loader for v in y]
+        assert len(ys) == loader.num_samples
+        seen += ys
+    assert sorted(seen) == list(range(7))
+
+
+# --------------------------------------------------------------------------------------------
+# cache and bad files
+# --------------------------------------------------------------------------------------------
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    paths = []
+    for i in range(3):
+        path = folder / f"{i}.png"
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(path)
+        paths.append(str(path))
+    samples = [(p, i) for i, p in enumerate(paths)]
+    pre = P.Preprocess(crop=16, resize=20, mean=(0, 0, 0), std=(1, 1, 1))
+    cache = tmp_path / "cache"
+
+    def make():
+        return P.build_loader(samples, train=False, preprocess=pre, augment="seed",
+                              recipe="resnet18", batch_size=3, workers=0, device=CPU, seed=0,
+                              cache_dir=str(cache), progress=True)
+    first = make()
+    assert "cache built in" in capsys.readouterr().out and first.cache_build_s is not None
+    second = make()
+    out = capsys.readouterr().out
+    assert "cache built" not in out and "cache reused" in out
+    assert second.cache_path == first.cache_path and second.cache_build_s is None
+    assert [x for x, _ in second][0][2].mean().item() == pytest.approx(80 / 255, abs=1e-6)
+    Image.fromarray(np.full((20, 30, 3), 250, np.uint8)).save(paths[2])   # rewrite one image
+    os.utime(paths[2], ns=(os.stat(paths[2]).st_atime_ns, os.stat(paths[2]).st_mtime_ns + 10**9))
+    third = make()
+    assert "cache built in" in capsys.readouterr().out
+    assert third.cache_path != first.cache_path
+    x = next(iter(third))[0]
+    assert x[2].mean().item() == pytest.approx(250 / 255, abs=1e-6)      # new content
+    assert x[0].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert not [f for f in os.listdir(cache) if f.endswith(".tmp")]      # no half files
+    assert os.path.exists(first.cache_path)                              # caches coexist
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_truncated_jpeg_raises_or_is_skipped(real_split, tmp_path, train):
+    files = sorted((real_split / "train").glob("*/*.jpg"))[:6]
+    bad = tmp_path / "bad.jpg"
+    data = Path(files[0]).read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    samples = [(str(f), i) for i, f in enumerate(files)] + [(str(bad), 6)]
+    pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
+    kwargs = dict(train=train, preprocess=pre, augment="seed", recipe="resnet18", batch_size=4,
+                  workers=0, device=CPU, seed=0, cache_dir=str(tmp_path / "cache"),
+                  progress=False)
+    with pytest.raises(P.BadImagesError) as err:
+        P.build_loader(samples, **kwargs)
+    assert err.value.paths == [str(bad)]
+    assert str(bad) in str(err.value) and "1 image file" in str(err.value)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        loader = P.build_loader(samples, skip_bad=True, **kwargs)
+    assert loader.skipped == [str(bad)] and len(loader.samples) == 6
+    assert sorted(int(v) for _, y in loader for v in y) == list(range(6))
+
+
+def test_unknown_choices_list_the_allowed_values(coord_samples):
+    pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
+    with pytest.raises(ValueError, match="seed, light, none"):
+        P.build_loader(coord_samples, train=True, preprocess=pre, augment="heavy",
+                       recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
+                       cache_dir=None, progress=False)
+    with pytest.raises(ValueError, match="resnet18, resnet50"):
+        P.build_loader(coord_samples, train=True, preprocess=pre, augment="seed",
+                       recipe="vgg", batch_size=4, workers=0, device=CPU, seed=0,
+                       cache_dir=None, progress=False)
