@@ -210,14 +210,18 @@ def freeze(model, arch_name, trained):
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def set_train_mode(model):
+def set_train_mode(model, bn_stats="train"):
     """model.train(), but BatchNorm layers whose parameters are frozen stay in eval mode,
-    so their running statistics do not move (the original let them drift)."""
+    so their running statistics do not move (the original let them drift).
+
+    bn_stats="frozen": every BatchNorm normalises with its running statistics and keeps them,
+    trained parts included (their scale and shift still learn), as detectron's FrozenBN.
+    """
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if bn_stats == "frozen" or (params and not any(p.requires_grad for p in params)):
                 m.eval()
     return model
 
@@ -253,7 +257,8 @@ def scan_split(data_dir):
     train_dir, test_dir = data / "train", data / "test"
     for d in (train_dir, test_dir):
         if not d.is_dir():
-            fail(f"--data {data_dir}: missing {d.name}/ (expected {data_dir}/train/<class>/ and {data_dir}/test/<class>/)")
+            fail(f"--data {data_dir}: missing {d.name}/ "
+                 f"(expected {data_dir}/train/<class>/ and {data_dir}/test/<class>/)")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     split_json = data / "split.json"
     if split_json.is_file():
@@ -327,19 +332,26 @@ def get_args_parser(defaults):
     a = p.add_argument
     a("--data", default="dataset/images", help="folder holding train/ and test/ (from split_data.py)")
     a("--out", default="runs", help="runs are written to OUT/<script name>/<run name>/")
-    a("--name", default=None, help="run name (default: built from the options, e.g. imagenet-last1-b64-lr0.0003-...); "
-                                   "with --grid/--compare: the folder of the grid or comparison (default grid, compare)")
+    a("--name", default=None,
+      help="run name (default: built from the options, e.g. imagenet-last1-b64-lr0.0003-...); "
+           "with --grid/--compare: the folder of the grid or comparison (default grid, compare)")
     a("--epochs", type=int, default=None,
       help=f"epochs (default {d['epochs']} pretrained, {d['scratch_epochs']} with --weights none)")
     a("--batch-size", type=int, default=d["batch_size"], help="images per optimizer step, per process")
-    a("--lr", type=float, default=d["lr"], help="learning rate of the new head; the pretrained backbone gets lr * --backbone-lr-ratio")
-    a("--backbone-lr-ratio", type=float, default=0.1, help="backbone lr / head lr for pretrained weights (1 with --weights none)")
-    a("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay (not applied to biases and norm weights)")
-    a("--img-size", type=int, default=None, help="training and test crop, px (default: the weights' own, e.g. 224 or 380)")
+    a("--lr", type=float, default=d["lr"],
+      help="learning rate of the new head; the pretrained backbone gets lr * --backbone-lr-ratio")
+    a("--backbone-lr-ratio", type=float, default=0.1,
+      help="backbone lr / head lr for pretrained weights (1 with --weights none)")
+    a("--weight-decay", type=float, default=d["weight_decay"],
+      help="AdamW weight decay (not applied to biases and norm weights)")
+    a("--img-size", type=int, default=None,
+      help="training and test crop, px (default: the weights' own, e.g. 224 or 380)")
     a("--unfreeze", default=None,
-      help=f"trained part: all, head, last:N, or module names like layer3,layer4 (default {d['unfreeze']} pretrained, all with --weights none)")
+      help=f"trained part: all, head, last:N, or module names like layer3,layer4 "
+           f"(default {d['unfreeze']} pretrained, all with --weights none)")
     a("--weights", default="imagenet", help="imagenet, none (random init) or PATH to a state dict / checkpoint")
-    a("--val-fraction", type=float, default=0.1, help="share of each train/ class held out for checkpoint selection (0 to 0.5)")
+    a("--val-fraction", type=float, default=0.1,
+      help="share of each train/ class held out for checkpoint selection (0 to 0.5)")
     a("--seed", type=int, default=0, help="seeds the validation carve, init, order and augmentation")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes (0: in the main process)")
@@ -350,13 +362,17 @@ def get_args_parser(defaults):
     a("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
       help="auto: bf16 autocast where the device has native bf16, fp16 on older GPUs, else fp32")
     a("--compile", action="store_true", help="torch.compile the model (pays on GPUs for long runs)")
+    a("--bn-stats", default=d.get("bn_stats", "train"), choices=("train", "frozen"),
+      help="BatchNorm in the trained part: train (batch statistics, running averages updated) or frozen "
+           "(running statistics kept, as in the frozen part); frozen parts are always frozen")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
     a("--skip-bad", action="store_true", help="train without images that cannot be decoded instead of stopping")
     a("--cache-dir", default=None, help="decoded-image and feature caches (default DATA/.cache)")
     a("--grid", action="store_true", help="run this script's hyper-parameter grid (ranked on validation)")
     a("--grid-spec", default=None, help='replace the grid: "lr=1e-3,3e-4;batch_size=32,64;unfreeze=last:1,all"')
     a("--halving", type=int, default=0,
-      help="grid: successive halving from this many epochs (keep the better half on validation, double, repeat); 0 = off")
+      help="grid: successive halving from this many epochs (keep the better half on validation, double, "
+           "repeat); 0 = off")
     a("--compare", action="store_true", help="train the pretrained and the randomly initialised network and compare")
     a("--arch", default=d["arch"], choices=list(ARCHS), help=argparse.SUPPRESS)
     return p
@@ -494,11 +510,11 @@ def topk_correct(logits, y, ks=(1, 5)):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtype, *, epoch, scaler=None,
-                    clip=1.0, progress=True, memory_format=torch.contiguous_format):
+                    clip=1.0, progress=True, memory_format=torch.contiguous_format, bn_stats="train"):
     """One pass over the loader. -> {loss, top1, images, seconds} (summed over processes)."""
     from tqdm import tqdm
 
-    set_train_mode(model)
+    set_train_mode(model, bn_stats)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -535,7 +551,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtyp
             step_losses = []
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     check_finite(step_losses, epoch, len(loader) - len(step_losses) + 1)
-    totals = all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(seen, device=device, dtype=torch.float64)]))
+    seen_t = torch.tensor(seen, device=device, dtype=torch.float64)
+    totals = all_reduce(torch.stack([loss_sum, correct.double(), seen_t]))
     n = max(totals[2].item(), 1)
     return {"loss": totals[0].item() / n, "top1": 100 * totals[1].item() / n, "images": int(totals[2].item()),
             "seconds": time.perf_counter() - start}
@@ -647,7 +664,7 @@ def hparams_summaries(config, metrics):
     from torch.utils.tensorboard.summary import hparams
 
     keys = ("arch", "weights", "unfreeze", "batch_size", "epochs", "lr", "weight_decay", "img_size", "augment",
-            "backbone_lr_ratio", "seed")
+            "backbone_lr_ratio", "bn_stats", "seed")
     h = {k: (config[k] if isinstance(config[k], (int, float, str, bool)) else str(config[k])) for k in keys}
     return hparams(h, metrics)
 
@@ -726,7 +743,8 @@ def fit(config, stop_after=None):
 
     classes, train, val, test = prepare_data(config, rank)
     if ckpt is not None and ckpt["classes"] != classes:
-        fail(f"--resume {ckpt_path}: its {len(ckpt['classes'])} classes differ from the {len(classes)} in {config['data']}")
+        fail(f"--resume {ckpt_path}: its {len(ckpt['classes'])} classes differ "
+             f"from the {len(classes)} in {config['data']}")
     seed_everything(config["seed"])
     model = build_model(config["arch"], len(classes), "none" if ckpt else config["weights"])
     trained = freeze(model, config["arch"], parse_unfreeze(config["unfreeze"], config["arch"]))
@@ -788,7 +806,8 @@ def fit(config, stop_after=None):
         train_loader.set_epoch(epoch)
         try:
             tm = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, device, dtype, epoch=epoch,
-                                 scaler=scaler, progress=writer_rank, memory_format=memory_format)
+                                 scaler=scaler, progress=writer_rank, memory_format=memory_format,
+                                 bn_stats=config["bn_stats"])
         except NonFiniteLoss as e:
             fail(str(e))
         except torch.cuda.OutOfMemoryError:
@@ -910,9 +929,10 @@ def cached_features(config, model, split, samples, loader, device, dtype):
     cache = Path(cache_dir_of(config))
     w = config["weights"]
     weights_id = [w, os.path.getsize(w), os.path.getmtime(w)] if Path(w).is_file() else w
-    key = hashlib.sha256(json.dumps([config["arch"], weights_id, preprocess_dict(loader_options(config, device)["preprocess"]),
-                                     str(dtype), [(s[0], s[1], os.path.getsize(s[0]), os.path.getmtime(s[0]))
-                                                  for s in samples]], default=str).encode()).hexdigest()[:16]
+    pre = preprocess_dict(make_preprocess(config["arch"], config["img_size"]))
+    files = [(s[0], s[1], os.path.getsize(s[0]), os.path.getmtime(s[0])) for s in samples]
+    key = hashlib.sha256(json.dumps([config["arch"], weights_id, pre, str(dtype), files], default=str).encode())
+    key = key.hexdigest()[:16]
     path = cache / f"features-{config['arch']}-{split}-{key}.pt"
     if path.is_file():
         obj = torch.load(path, map_location=device, weights_only=True)
@@ -921,7 +941,8 @@ def cached_features(config, model, split, samples, loader, device, dtype):
     f, y = extract_features(model, config["arch"], loader, device, dtype)
     cache.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {"features": f.cpu(), "labels": y.cpu()})
-    print(f"{split}: features of {len(y)} images computed in {time.perf_counter() - t:.1f} s (cached in {path})", flush=True)
+    print(f"{split}: features of {len(y)} images computed in {time.perf_counter() - t:.1f} s (cached in {path})",
+          flush=True)
     return f, y
 
 
@@ -1047,6 +1068,7 @@ def given_options(defaults, argv=None):
 
 def main(defaults, grid, argv=None, script=None):
     script = script or Path(sys.argv[0]).stem
+    pipeline.keep_freed_memory()  # batches and activations reuse freed heap pages instead of faulting new ones
     parser = get_args_parser(defaults)
     args = parser.parse_args(argv)
     config = resolve_config(args, defaults, script)

@@ -15,6 +15,10 @@ DEFAULTS = dict(
     lr=1e-3,  # head; backbone lr = lr * 0.1
     weight_decay=1e-4,
     unfreeze="last:3",  # features[6:9]: the 192- and 320-channel stages and the head conv
+    # Batch statistics wreck this TF-converted network: 25 fine-tuning steps from a 95% linear
+    # probe drop validation top-1 to 91% with BatchNorm in train mode, and lift it to 95.7% with
+    # running statistics kept (measured on the real split, batch 64).
+    bn_stats="frozen",
     description=__doc__,
 )
 

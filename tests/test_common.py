@@ -88,6 +88,21 @@ def test_frozen_parameters_and_bn_statistics_stay_bit_identical(nets, arch, spec
     assert all(id(p) not in state_params for p in model.parameters() if not p.requires_grad)
 
 
+def test_bn_stats_frozen_keeps_every_running_statistic_while_the_trained_part_learns(nets):
+    torch.manual_seed(2)
+    model = copy.deepcopy(nets["efficientnet_lite0"])
+    common.freeze(model, "efficientnet_lite0", common.parse_unfreeze("last:3", "efficientnet_lite0"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(common.param_groups(model, "efficientnet_lite0", 1e-2, 0.0, 0.1))
+    batches = [(torch.randn(4, 3, 64, 64), torch.randint(0, 7, (4,))) for _ in range(2)]
+    common.train_one_epoch(model, batches, opt, common.lr_schedule(opt, 2, 1), nn.CrossEntropyLoss(),
+                           torch.device("cpu"), None, epoch=1, progress=False, bn_stats="frozen")
+    after = model.state_dict()
+    stats = [k for k in after if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert not torch.equal(before["features.8.1.weight"], after["features.8.1.weight"])  # BN scale still learns
+
+
 def test_set_train_mode_keeps_frozen_batchnorm_in_eval(nets):
     model = copy.deepcopy(nets["resnet18"])
     common.freeze(model, "resnet18", ["layer4"])
