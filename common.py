@@ -357,7 +357,7 @@ def get_args_parser(defaults):
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes (0: in the main process)")
     a("--resume", default=None, help="PATH to a last.pth, or auto (this run's own last.pth if there is one)")
     a("--limit-per-class", type=int, default=None, help="use at most N images per class of each split (smoke runs)")
-    a("--augment", default="seed", choices=pipeline.AUGMENTS,
+    a("--augment", default=d.get("augment", "seed"), choices=pipeline.AUGMENTS,
       help="seed: the original script's augmentation; light: random resized crop + flip; none")
     a("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
       help="auto: bf16 autocast where the device has native bf16, fp16 on older GPUs, else fp32")
@@ -365,6 +365,9 @@ def get_args_parser(defaults):
     a("--bn-stats", default=d.get("bn_stats", "train"), choices=("train", "frozen"),
       help="BatchNorm in the trained part: train (batch statistics, running averages updated) or frozen "
            "(running statistics kept, as in the frozen part); frozen parts are always frozen")
+    a("--probe-epochs", type=int, default=d.get("probe_epochs", 0),
+      help="pretrained weights: first train the new head alone this many epochs on cached features at "
+           "10 x --lr (linear probe, then fine-tune: LP-FT); 0 = off")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
     a("--skip-bad", action="store_true", help="train without images that cannot be decoded instead of stopping")
     a("--cache-dir", default=None, help="decoded-image and feature caches (default DATA/.cache)")
@@ -389,6 +392,8 @@ def resolve_config(args, defaults, script):
         c["unfreeze"] = "all" if scratch else defaults["unfreeze"]
     if scratch:
         c["backbone_lr_ratio"] = 1.0  # nothing pretrained to protect: one lr for every layer
+        c["bn_stats"] = "train"  # a random network's running statistics mean nothing yet
+        c["probe_epochs"] = 0  # no features worth probing
     c["img_size"] = c["img_size"] or weights_preprocess(c["arch"])["crop"]
     check_config(c)
     parse_unfreeze(c["unfreeze"], c["arch"])  # fails early on an unknown module name
@@ -408,6 +413,8 @@ def check_config(c):
         fail(f"--val-fraction must be within [0, 0.5] (got {c['val_fraction']})")
     if c["img_size"] < 16:
         fail(f"--img-size must be at least 16 px (got {c['img_size']})")
+    if c["probe_epochs"] < 0:
+        fail(f"--probe-epochs must be >= 0 (got {c['probe_epochs']})")
     if c["workers"] < 0:
         fail(f"--workers must be >= 0 (got {c['workers']})")
     if c["limit_per_class"] is not None and c["limit_per_class"] < 1:
@@ -664,7 +671,7 @@ def hparams_summaries(config, metrics):
     from torch.utils.tensorboard.summary import hparams
 
     keys = ("arch", "weights", "unfreeze", "batch_size", "epochs", "lr", "weight_decay", "img_size", "augment",
-            "backbone_lr_ratio", "bn_stats", "seed")
+            "backbone_lr_ratio", "bn_stats", "probe_epochs", "seed")
     h = {k: (config[k] if isinstance(config[k], (int, float, str, bool)) else str(config[k])) for k in keys}
     return hparams(h, metrics)
 
@@ -756,6 +763,8 @@ def fit(config, stop_after=None):
     if config["unfreeze"] == "head" and world == 1:
         return fit_head_only(config, model, classes, train, val, test, device, dtype, run_dir, ckpt, stop_after)
 
+    if config["probe_epochs"] and ckpt is None and config["weights"] != "none":
+        linear_probe(config, model, train, val, device, dtype)  # every rank alike: same features, same seed
     options = loader_options(config, device, rank, world)
     pre = options["preprocess"]
     if world > 1 and rank != 0:
@@ -969,9 +978,7 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
     optimizer = torch.optim.AdamW(param_groups(head_as_model(head, config["arch"]), config["arch"], config["lr"],
                                                config["weight_decay"], 1.0))
     fx, fy = feats["train"]
-    bs = config["batch_size"]
-    steps = max(1, len(fy) // bs) if len(fy) >= 2 else 1
-    scheduler = lr_schedule(optimizer, steps, config["epochs"])
+    scheduler = lr_schedule(optimizer, head_steps(len(fy), config["batch_size"]), config["epochs"])
     criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
     start_epoch, best, train_seconds, images_trained = 1, {"top1": -1.0, "epoch": 0}, 0.0, 0
     if ckpt:
@@ -987,31 +994,15 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
                            "scheduler": scheduler.state_dict(), "scaler": None, "epoch": epoch, "config": config,
                            "classes": classes, "arch": config["arch"], "preprocess": preprocess_dict(pre),
                            "best": best, "train_seconds": train_seconds, "images_trained": images_trained}
-    gen = torch.Generator().manual_seed(config["seed"])
     last_epoch = config["epochs"] if stop_after is None else min(stop_after, config["epochs"])
     for epoch in range(start_epoch, last_epoch + 1):
-        t = time.perf_counter()
-        gen.manual_seed(config["seed"] * 1000 + epoch)
-        order = torch.randperm(len(fy), generator=gen).to(fy.device)
-        head.train()
-        loss_sum, correct = 0.0, 0
-        for i in range(steps):
-            idx = order[i * bs:(i + 1) * bs] if steps > 1 else order
-            logits = head(fx[idx])
-            loss = criterion(logits, fy[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(idx)
-            correct += logits.argmax(1).eq(fy[idx]).sum().item()
-            if not math.isfinite(loss.item()):
-                fail(f"non-finite loss at epoch {epoch}, step {i + 1}; stopping (the last good checkpoint stays)")
-        n = steps * bs if steps > 1 else len(fy)
-        n = min(n, len(fy))
-        tm = {"loss": loss_sum / n, "top1": 100 * correct / n, "images": n, "seconds": time.perf_counter() - t}
+        try:
+            tm = train_head_epoch(head, fx, fy, optimizer, scheduler, criterion, config["batch_size"],
+                                  seed=config["seed"] * 1000 + epoch, epoch=epoch)
+        except NonFiniteLoss as e:
+            fail(str(e))
         train_seconds += tm["seconds"]
-        images_trained += n
+        images_trained += tm["images"]
         vm = head_metrics(head, *feats["val"], criterion, len(classes)) if "val" in feats else None
         improved = vm is None or vm["top1"] > best["top1"]
         if improved:
@@ -1029,6 +1020,68 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
     metrics = dict(final_metrics(test_m, best, config, train_seconds, images_trained), processes=1)
     finish_run(writer, run_dir, config, classes, test_m, metrics)
     return metrics
+
+
+def head_steps(n, batch_size):
+    """Batches per epoch on cached features: the last partial batch is dropped, as in training."""
+    return max(1, n // batch_size)
+
+
+def train_head_epoch(head, fx, fy, optimizer, scheduler, criterion, batch_size, *, seed, epoch):
+    """One epoch of the head alone on cached features (a seeded order). -> {loss, top1, images, seconds}"""
+    t = time.perf_counter()
+    order = torch.randperm(len(fy), generator=torch.Generator().manual_seed(seed)).to(fy.device)
+    steps = head_steps(len(fy), batch_size)
+    head.train()
+    loss_sum, correct, n = 0.0, 0, 0
+    for i in range(steps):
+        idx = order[i * batch_size:(i + 1) * batch_size] if steps > 1 else order
+        logits = head(fx[idx])
+        loss = criterion(logits, fy[idx])
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {i + 1}; stopping "
+                                f"(the last good checkpoint stays; try a lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(idx)
+        correct += logits.argmax(1).eq(fy[idx]).sum().item()
+        n += len(idx)
+    return {"loss": loss_sum / n, "top1": 100 * correct / n, "images": n, "seconds": time.perf_counter() - t}
+
+
+def linear_probe(config, model, train, val, device, dtype):
+    """LP-FT (Kumar et al., 2022): before fine-tuning, train the new head alone on cached features
+    for --probe-epochs, so the first fine-tuning steps do not push a random head's gradients into
+    the pretrained stages. The best head on validation is kept in `model`."""
+    options = loader_options(dict(config, augment="none"), device)
+    feats = {split: cached_features(config, model, split, loader.samples, loader, device, dtype)
+             for split, loader in (("train", make_loader(train, config, options, False)),
+                                   ("val", make_loader(val, config, options, False))) if loader is not None}
+    parent, child = get_submodule_parent(model, ARCHS[config["arch"]].head)
+    head = getattr(parent, child)
+    # A fresh linear layer alone takes a head-only rate; --lr is then the fine-tuning rate of a trained head.
+    optimizer = torch.optim.AdamW(param_groups(head_as_model(head, config["arch"]), config["arch"], 10 * config["lr"],
+                                               config["weight_decay"], 1.0))
+    fx, fy = feats["train"]
+    scheduler = lr_schedule(optimizer, head_steps(len(fy), config["batch_size"]), config["probe_epochs"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    best, best_state = -1.0, None
+    for epoch in range(1, config["probe_epochs"] + 1):
+        try:
+            tm = train_head_epoch(head, fx, fy, optimizer, scheduler, criterion, config["batch_size"],
+                                  seed=config["seed"] * 1000 - epoch, epoch=epoch)
+        except NonFiniteLoss as e:
+            fail(f"linear probe: {e}")
+        val = head_metrics(head, *feats["val"], criterion, head.out_features) if "val" in feats else tm
+        score = val["top1"]
+        if score > best:
+            best, best_state = score, {k: v.clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best_state)
+    print(f"linear probe: head trained {config['probe_epochs']} epochs on cached features, best val top-1 "
+          f"{best:.2f}%", flush=True)
+    return best
 
 
 def head_as_model(head, arch_name):

