@@ -191,3 +191,29 @@ def test_each_script_runs_from_a_local_state_dict(tiny_split, tmp_path, script, 
     src = torch.load(weights, weights_only=True)
     stage0 = "conv1.weight" if arch.startswith("resnet") else "features.0.0.weight"
     assert torch.equal(best["model"][stage0], src[stage0])  # outside the default trained part: untouched
+
+
+def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_path):
+    import efficientnet_lite
+
+    weights = tmp_path / "lite0.pth"
+    torch.save(efficientnet_lite.imagenet_state_dict(), weights)
+    parser = common.get_args_parser(dict(arch="efficientnet_lite0", batch_size=16, epochs=1, scratch_epochs=1,
+                                         lr=1e-3, weight_decay=1e-4, unfreeze="last:1"))
+    args = parser.parse_args(["--data", str(tiny_split), "--out", str(tmp_path), "--weights", str(weights),
+                              "--img-size", "64", "--workers", "0", "--probe-epochs", "15", "--precision", "fp32",
+                              "--cache-dir", str(tmp_path / "cache")])
+    config = common.resolve_config(args, dict(epochs=1, scratch_epochs=1, unfreeze="last:1"), "main_test")
+    classes, train, val, test = common.prepare_data(config)
+    model = common.build_model("efficientnet_lite0", len(classes), str(weights))
+    common.freeze(model, "efficientnet_lite0", ["features.8"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    best = common.linear_probe(config, model, train, val, torch.device("cpu"), None)
+    after = model.state_dict()
+    moved = {k for k in after if not torch.equal(before[k], after[k])}
+    assert moved == {"classifier.1.weight", "classifier.1.bias"}  # the head alone, BN statistics included
+    assert best > 50  # 12 classes (chance 8%): ImageNet features separate them after a probe
+    r = run_script("main_EfficientNet_Lite0.py", "--data", tiny_split, "--out", tmp_path / "runs", "--weights",
+                   weights, "--img-size", "64", "--workers", "0", "--epochs", "1", "--probe-epochs", "3",
+                   "--cache-dir", tmp_path / "cache")
+    assert r.returncode == 0 and "linear probe: head trained 3 epochs" in r.stdout, r.stderr[-2000:]
