@@ -685,7 +685,7 @@ def per_class_text(classes, per_class):
 # --------------------------------------------------------------------------------------------
 # fit(config): one run, in its own folder; returns its metrics.
 # --------------------------------------------------------------------------------------------
-def prepare_data(config, rank=0):
+def prepare_data(config):
     """-> classes, train, val, test sample lists, after the limit and the validation carve."""
     classes, train, test = scan_split(config["data"])
     train = limit_per_class(train, config["limit_per_class"])
@@ -748,7 +748,7 @@ def fit(config, stop_after=None):
     if ckpt is None and (run_dir / "last.pth").exists() and config["resume"] is None:
         fail(f"{run_dir} already holds a run; pass --resume auto to continue it or --name NEW for a new one")
 
-    classes, train, val, test = prepare_data(config, rank)
+    classes, train, val, test = prepare_data(config)
     if ckpt is not None and ckpt["classes"] != classes:
         fail(f"--resume {ckpt_path}: its {len(ckpt['classes'])} classes differ "
              f"from the {len(classes)} in {config['data']}")
