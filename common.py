@@ -535,19 +535,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtyp
         with autocast(device, dtype):
             logits = model(x)
             loss = criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        backward_and_step(loss, optimizer, params, scaler, clip)
         scheduler.step()
         step_losses.append(loss.detach())
         loss_sum += loss.detach().double() * y.shape[0]
@@ -563,6 +551,23 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtyp
     n = max(totals[2].item(), 1)
     return {"loss": totals[0].item() / n, "top1": 100 * totals[1].item() / n, "images": int(totals[2].item()),
             "seconds": time.perf_counter() - start}
+
+
+def backward_and_step(loss, optimizer, params, scaler=None, clip=1.0):
+    """Backward, gradient clipping at norm `clip`, optimizer step; with an fp16 GradScaler if given."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    else:
+        loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def check_finite(losses, epoch, first_step):

@@ -157,18 +157,7 @@ def setup_ours(args, device, samples, num_classes):
         x = x.to(memory_format=torch.channels_last)
         with common.autocast(device, dtype):
             loss = criterion(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        common.backward_and_step(loss, optimizer, params, scaler, clip=1.0)
         return loss
 
     if args.synthetic:
