@@ -129,19 +129,26 @@ def wait_idle(limit_s: float = 60.0) -> None:
         last = now
 
 
-def make_original(args, device):
-    """Batches of the original pipeline, forever."""
+def original_batches(train_dir, transform, batch_size, workers, device):
+    """The original study's input path (ImageFolder + PIL transforms + DataLoader), batches on
+    `device` forever. -> (images in the folder, batch iterator)"""
     from torchvision.datasets import ImageFolder
-    ds = ImageFolder(os.path.join(args.data, "train"), transform=original_transform(args.recipe))
+    ds = ImageFolder(train_dir, transform=transform)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
-        num_workers=args.workers, persistent_workers=args.workers > 0,
+        ds, batch_size=batch_size, shuffle=True, drop_last=True,
+        num_workers=workers, persistent_workers=workers > 0,
         pin_memory=device.type == "cuda")
 
     def epoch_iter(epoch):
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return len(ds), batches_forever(epoch_iter)
+
+
+def make_original(args, device):
+    """Batches of the original pipeline, forever."""
+    return original_batches(os.path.join(args.data, "train"), original_transform(args.recipe), args.batch_size,
+                            args.workers, device)
 
 
 def make_ours(args, device):

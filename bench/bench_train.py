@@ -40,7 +40,7 @@ import resource  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import bench_data  # noqa: E402  (tree_cpu_seconds, wait_idle)
+import bench_data  # noqa: E402  (tree_cpu_seconds, wait_idle, the original input path)
 import common  # noqa: E402
 import pipeline  # noqa: E402
 
@@ -122,13 +122,6 @@ def getrusage_mb() -> tuple[float, float]:
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
-def batches_forever(make_epoch):
-    epoch = 0
-    while True:
-        yield from make_epoch(epoch)
-        epoch += 1
-
-
 def synthetic_batches(args, crop: int, num_classes: int, device):
     """The same normalised-range batch again and again, already on the device."""
     g = torch.Generator().manual_seed(0)
@@ -170,7 +163,7 @@ def setup_ours(args, device, samples, num_classes):
     def epoch(e):
         loader.set_epoch(e)
         yield from loader
-    return step, batches_forever(epoch), dtype
+    return step, bench_data.batches_forever(epoch), dtype
 
 
 def setup_original(args, device, data_train, num_classes):
@@ -202,17 +195,9 @@ def setup_original(args, device, data_train, num_classes):
 
     if args.synthetic:
         return step, synthetic_batches(args, crop, num_classes, device)
-    from torchvision.datasets import ImageFolder
-    ds = ImageFolder(data_train, transform=original_transform(arch, crop))
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
-        num_workers=args.workers, persistent_workers=args.workers > 0,
-        pin_memory=device.type == "cuda")
-
-    def epoch(e):
-        for x, y in loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    return step, batches_forever(epoch)
+    _, batches = bench_data.original_batches(data_train, original_transform(arch, crop), args.batch_size,
+                                             args.workers, device)
+    return step, batches
 
 
 def measure(step, batches, device, warmup: int, seconds: float) -> dict:
