@@ -663,6 +663,24 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
+def open_writer(run_dir, start_epoch):
+    """A TensorBoard writer for epochs from start_epoch on, in a new event file of the run folder.
+
+    purge_step: TensorBoard drops the steps >= start_epoch that a killed run had logged. It
+    reads a folder's event files in name order, and a name starts with the creation second and
+    ends with a per-process counter, so a writer opened in the same second as an earlier one
+    (a resume in the same process: successive halving, tests) waits for the next second,
+    or its file could sort first (".10" < ".9") and be purged by the older one.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    newest = max((int(f.name.split(".")[3]) for f in Path(run_dir).glob("events.out.tfevents.*")
+                  if f.name.split(".")[3].isdigit()), default=0)
+    while int(time.time()) <= newest:
+        time.sleep(0.05)
+    return SummaryWriter(str(run_dir), purge_step=start_epoch)
+
+
 def confusion_image(confusion):
     """[3, C, C] uint8 heat map (rows: true class, normalised per row) for TensorBoard."""
     c = confusion.double()
@@ -800,12 +818,9 @@ def fit(config, stop_after=None):
 
     writer = None
     if writer_rank:
-        from torch.utils.tensorboard import SummaryWriter
-
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", config)
-        # purge_step: TensorBoard drops any steps >= start_epoch that a killed run had logged
-        writer = SummaryWriter(str(run_dir), purge_step=start_epoch)
+        writer = open_writer(run_dir, start_epoch)
         print_config(config, run_dir, classes, train, val, test, trained, model, device, dtype)
 
     last_epoch = config["epochs"] if stop_after is None else min(stop_after, config["epochs"])
@@ -966,8 +981,6 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
     Augmentation is off for the cached features (each image is seen through the evaluation
     preprocessing), which is what makes a head train in seconds.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
     config = dict(config, augment="none")
     options = loader_options(config, device)
     pre = options["preprocess"]
@@ -993,7 +1006,7 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
         train_seconds, images_trained = ckpt["train_seconds"], ckpt["images_trained"]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", config)
-    writer = SummaryWriter(str(run_dir), purge_step=start_epoch)
+    writer = open_writer(run_dir, start_epoch)
     print_config(config, run_dir, classes, train, val, test, [], model, device, dtype)
     state = lambda epoch: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "scaler": None, "epoch": epoch, "config": config,
