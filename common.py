@@ -76,13 +76,13 @@ def weights_preprocess(arch_name):
                 interpolation=t.interpolation.value)
 
 
-def make_preprocess(arch_name, img_size):
+def make_preprocess(arch_name, img_size, crop_mode="center"):
     """Scale the weights' resize/crop pair to --img-size, keeping their ratio (256/224 for ResNets)."""
     p = weights_preprocess(arch_name)
     img_size = img_size or p["crop"]
     resize = max(img_size, round(img_size * p["resize"] / p["crop"]))
     return pipeline.Preprocess(crop=img_size, resize=resize, mean=tuple(p["mean"]), std=tuple(p["std"]),
-                               interpolation=p["interpolation"])
+                               interpolation=p["interpolation"], crop_mode=crop_mode)
 
 
 def get_submodule_parent(model, dotted):
@@ -344,8 +344,12 @@ def get_args_parser(defaults):
       help="backbone lr / head lr for pretrained weights (1 with --weights none)")
     a("--weight-decay", type=float, default=d["weight_decay"],
       help="AdamW weight decay (not applied to biases and norm weights)")
-    a("--img-size", type=int, default=None,
-      help="training and test crop, px (default: the weights' own, e.g. 224 or 380)")
+    a("--img-size", type=int, default=d.get("img_size"),
+      help="training and test crop, px (default: " + (f"{d['img_size']}" if d.get("img_size") else
+                                                     "the weights' own, e.g. 224 or 380") + ")")
+    a("--crop-mode", default=d.get("crop_mode", "center"), choices=pipeline.CROP_MODES,
+      help="evaluation framing: center (resize the shorter side, centre crop: the weights' own) or "
+           "squash (the whole image resized to --img-size square, nothing cut off)")
     a("--unfreeze", default=None,
       help=f"trained part: all, head, last:N, or module names like layer3,layer4 "
            f"(default {d['unfreeze']} pretrained, all with --weights none)")
@@ -431,6 +435,10 @@ def default_run_name(c):
     w = c["weights"] if c["weights"] in ("imagenet", "none") else Path(c["weights"]).stem
     u = c["unfreeze"].replace(":", "").replace(",", "+")
     name = f"{w}-{u}-b{c['batch_size']}-lr{c['lr']:g}-wd{c['weight_decay']:g}-e{c['epochs']}-{c['img_size']}px"
+    if c.get("crop_mode", "center") != "center":
+        name += f"-{c['crop_mode']}"
+    if c.get("seed", 0):
+        name += f"-seed{c['seed']}"
     if c["limit_per_class"]:
         name += f"-lim{c['limit_per_class']}"
     return name
@@ -693,8 +701,8 @@ def hparams_summaries(config, metrics):
     """TensorBoard HParams records, written into the run's own event file (no stray sub-folder)."""
     from torch.utils.tensorboard.summary import hparams
 
-    keys = ("arch", "weights", "unfreeze", "batch_size", "epochs", "lr", "weight_decay", "img_size", "augment",
-            "backbone_lr_ratio", "bn_stats", "probe_epochs", "seed")
+    keys = ("arch", "weights", "unfreeze", "batch_size", "epochs", "lr", "weight_decay", "img_size", "crop_mode",
+            "augment", "backbone_lr_ratio", "bn_stats", "probe_epochs", "seed")
     h = {k: (config[k] if isinstance(config[k], (int, float, str, bool)) else str(config[k])) for k in keys}
     return hparams(h, metrics)
 
@@ -723,9 +731,10 @@ def cache_dir_of(config):
 
 def loader_options(config, device, rank=0, world=1):
     """The keyword arguments every pipeline.build_loader call of a run shares."""
-    return dict(preprocess=make_preprocess(config["arch"], config["img_size"]), recipe=ARCHS[config["arch"]].recipe,
-                workers=config["workers"], device=device, seed=config["seed"], cache_dir=cache_dir_of(config),
-                rank=rank, world_size=world, skip_bad=config["skip_bad"], progress=rank == 0)
+    return dict(preprocess=make_preprocess(config["arch"], config["img_size"], config["crop_mode"]),
+                recipe=ARCHS[config["arch"]].recipe, workers=config["workers"], device=device,
+                seed=config["seed"], cache_dir=cache_dir_of(config), rank=rank, world_size=world,
+                skip_bad=config["skip_bad"], progress=rank == 0)
 
 
 def make_loader(samples, config, options, train):
@@ -878,7 +887,7 @@ def fit(config, stop_after=None):
 
 def preprocess_dict(pre):
     return {"crop": pre.crop, "resize": pre.resize, "mean": list(pre.mean), "std": list(pre.std),
-            "interpolation": pre.interpolation}
+            "interpolation": pre.interpolation, "crop_mode": pre.crop_mode}
 
 
 def final_metrics(test_m, best, config, train_seconds, images_trained):
@@ -958,7 +967,7 @@ def cached_features(config, model, split, samples, loader, device, dtype):
     cache = Path(cache_dir_of(config))
     w = config["weights"]
     weights_id = [w, os.path.getsize(w), os.path.getmtime(w)] if Path(w).is_file() else w
-    pre = preprocess_dict(make_preprocess(config["arch"], config["img_size"]))
+    pre = preprocess_dict(make_preprocess(config["arch"], config["img_size"], config["crop_mode"]))
     files = [(s[0], s[1], os.path.getsize(s[0]), os.path.getmtime(s[0])) for s in samples]
     key = hashlib.sha256(json.dumps([config["arch"], weights_id, pre, str(dtype), files], default=str).encode())
     key = key.hexdigest()[:16]

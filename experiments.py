@@ -49,13 +49,14 @@ from common import (atomic_write, check_config, default_run_name, fail, fit, hpa
                     run_dir_of, scan_split, write_json)
 
 # Options a grid may vary (option names with underscores).
-GRID_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "unfreeze", "img_size", "backbone_lr_ratio", "bn_stats",
-             "label_smoothing", "augment", "weights", "val_fraction", "seed")
-INT_KEYS = ("batch_size", "epochs", "img_size", "seed")
+GRID_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "unfreeze", "img_size", "crop_mode", "backbone_lr_ratio",
+             "bn_stats", "probe_epochs", "label_smoothing", "augment", "weights", "val_fraction", "seed")
+INT_KEYS = ("batch_size", "epochs", "img_size", "probe_epochs", "seed")
 FLOAT_KEYS = ("lr", "weight_decay", "backbone_lr_ratio", "label_smoothing", "val_fraction")
 # Options that decide a run's result: a folder is reused only when all of them match.
 RESULT_KEYS = ("arch", "data", "weights", "unfreeze", "batch_size", "epochs", "lr", "backbone_lr_ratio", "bn_stats",
-               "weight_decay", "img_size", "val_fraction", "seed", "limit_per_class", "augment", "label_smoothing")
+               "probe_epochs", "weight_decay", "img_size", "crop_mode", "val_fraction", "seed", "limit_per_class",
+               "augment", "label_smoothing")
 # The original table's columns (model .. Top@1), then ours. Top@1 is test top-1.
 RESULT_COLUMNS = ("model", "batch_size", "epochs", "lr", "weight_decay", "strategy", "Top@1", "val_top1", "test_top5",
                   "mean_class_acc", "minutes", "weights", "status", "run", "error")
@@ -151,6 +152,8 @@ def differing_options(saved, c):
     def norm(k, v):
         if k == "data" or (k == "weights" and v not in ("imagenet", "none", None)):
             return str(Path(v).resolve())
+        if k == "crop_mode" and v is None:
+            return "center"  # configs written before --crop-mode
         return v
 
     return [k for k in RESULT_KEYS if norm(k, saved.get(k)) != norm(k, c.get(k))]

@@ -57,9 +57,14 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"   # "bilinear" | "bicubic"
+    # Evaluation framing. "center": Resize(resize) -> CenterCrop(crop), torchvision's presets.
+    # "squash": the whole image resized to crop x crop, aspect ignored (timm's crop_mode="squash"):
+    # nothing is cut off, which pays when objects fill the frame, as in Caltech-101.
+    crop_mode: str = "center"
 
 
 AUGMENTS = ("seed", "light", "none")
+CROP_MODES = ("center", "squash")
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)   # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
 
@@ -122,7 +127,8 @@ class BadImagesError(ValueError):
 # =============================================================================================
 # cache: every image decoded once, stored as uint8 HWC
 # =============================================================================================
-# Eval cache: the exact Resize(resize) -> CenterCrop(crop) image, crop x crop.
+# Eval cache: the exact Resize(resize) -> CenterCrop(crop) image, crop x crop (squash: the
+# whole image resized to crop x crop).
 # Train cache: the Resize(resize) image (shorter side = resize) in a fixed canvas of
 # resize x long_side, portrait images stored transposed so that every image is "landscape".
 # The long side is capped at TRAIN_LONG_RATIO * resize (1.5: 75 % of Caltech-101 images fit
@@ -144,7 +150,10 @@ def cache_geometry(pre: Preprocess, augmented: bool) -> dict:
     if augmented:
         return dict(kind="train", resize=pre.resize, interpolation=pre.interpolation,
                     long=int(round(pre.resize * TRAIN_LONG_RATIO)))
-    return dict(kind="eval", resize=pre.resize, crop=pre.crop, interpolation=pre.interpolation)
+    geo = dict(kind="eval", resize=pre.resize, crop=pre.crop, interpolation=pre.interpolation)
+    if pre.crop_mode != "center":   # only named when not the default: older caches stay valid
+        geo["crop_mode"] = pre.crop_mode
+    return geo
 
 
 def _cache_shape(geo: dict) -> tuple[int, int, int]:
@@ -175,7 +184,10 @@ def _decode_one(path: str, geo: dict) -> tuple[np.ndarray, list[int]] | None:
     interp = INTERPOLATIONS[geo["interpolation"]]
     if geo["kind"] == "eval":
         mode = InterpolationMode(geo["interpolation"])
-        out = TF.center_crop(TF.resize(im, geo["resize"], interpolation=mode), geo["crop"])
+        if geo.get("crop_mode") == "squash":
+            out = TF.resize(im, [geo["crop"], geo["crop"]], interpolation=mode)
+        else:
+            out = TF.center_crop(TF.resize(im, geo["resize"], interpolation=mode), geo["crop"])
         return np.asarray(out), [geo["crop"], geo["crop"]]
     w0, h0 = _resized_size(*im.size, geo["resize"])
     stored_long = min(max(w0, h0), geo["long"])
@@ -796,6 +808,8 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
     if preprocess.interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {preprocess.interpolation!r}; choose from "
                          f"{', '.join(INTERPOLATIONS)}")
+    if preprocess.crop_mode not in CROP_MODES:
+        raise ValueError(f"unknown crop_mode {preprocess.crop_mode!r}; choose from {', '.join(CROP_MODES)}")
     aug = train_recipe(augment, recipe) if train else None
     if train and batch_size < 2:
         raise ValueError("batch_size must be at least 2 for training (BatchNorm)")

@@ -4,9 +4,10 @@
     python predict.py best.pth photo.jpg --json       # machine-readable
 
 The checkpoint carries everything needed: the architecture, the class names (index order)
-and the evaluation preprocessing it was trained with (resize, centre crop, mean/std). A
-folder is walked recursively, in sorted order, image extensions only; an unreadable image is
-reported on stderr and skipped. Exit status 0 when at least one image was predicted.
+and the evaluation preprocessing it was trained with (resize and centre crop, or squash;
+mean/std). A folder is walked recursively, in sorted order, image extensions only; an
+unreadable image is reported on stderr and skipped. Exit status 0 when at least one image
+was predicted.
 """
 import argparse
 import json
@@ -73,18 +74,24 @@ def check_preprocess(pre, source="checkpoint"):
     valid = [m.value for m in InterpolationMode]
     if pre["interpolation"] not in valid:
         raise PredictError(f"{source}: unknown interpolation {pre['interpolation']!r}; valid: {', '.join(valid)}")
+    crop_mode = pre.get("crop_mode", "center")  # checkpoints written before --crop-mode: center
+    if crop_mode not in ("center", "squash"):
+        raise PredictError(f"{source}: unknown crop_mode {crop_mode!r}; valid: center, squash")
     return {"crop": int(pre["crop"]), "resize": int(pre["resize"]), "mean": [float(v) for v in pre["mean"]],
-            "std": [float(v) for v in pre["std"]], "interpolation": pre["interpolation"]}
+            "std": [float(v) for v in pre["std"]], "interpolation": pre["interpolation"], "crop_mode": crop_mode}
 
 
 # --------------------------------------------------------------------------------------------
 # Images: preprocessing exactly as torchvision's evaluation presets do it.
 # --------------------------------------------------------------------------------------------
 def build_transform(preprocess):
-    """Resize the shorter side to `resize` px, centre-crop `crop` px, scale to [0, 1], normalise."""
-    return transforms.Compose([
-        transforms.Resize(preprocess["resize"], interpolation=InterpolationMode(preprocess["interpolation"])),
-        transforms.CenterCrop(preprocess["crop"]),
+    """Resize the shorter side to `resize` px and centre-crop `crop` px (crop_mode squash: resize the
+    whole image to crop x crop), scale to [0, 1], normalise."""
+    mode = InterpolationMode(preprocess["interpolation"])
+    crop = preprocess["crop"]
+    framing = ([transforms.Resize((crop, crop), interpolation=mode)] if preprocess.get("crop_mode") == "squash" else
+               [transforms.Resize(preprocess["resize"], interpolation=mode), transforms.CenterCrop(crop)])
+    return transforms.Compose(framing + [
         transforms.ToTensor(),
         transforms.Normalize(preprocess["mean"], preprocess["std"]),
     ])

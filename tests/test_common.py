@@ -234,7 +234,16 @@ def test_preprocess_follows_the_weights():
     r = common.make_preprocess("resnet50", 64)
     assert (r.crop, r.resize, r.interpolation) == (64, 73, "bilinear")  # 64 * 256 / 224
     lite = common.make_preprocess("efficientnet_lite0", None)
-    assert lite.mean == (0.498,) * 3 and lite.crop == 224
+    assert lite.mean == (0.498,) * 3 and lite.crop == 224 and lite.crop_mode == "center"
+    assert common.make_preprocess("resnet18", 64, "squash").crop_mode == "squash"
+
+    # the framing is part of a run's identity: its name, its checkpoint's preprocess dict
+    base = dict(weights="imagenet", unfreeze="head", batch_size=64, lr=1e-3, weight_decay=1e-4, epochs=30,
+                img_size=256, limit_per_class=None)
+    assert common.default_run_name(dict(base, crop_mode="center")) == "imagenet-head-b64-lr0.001-wd0.0001-e30-256px"
+    assert common.default_run_name(dict(base, crop_mode="squash")).endswith("-256px-squash")
+    assert common.default_run_name(dict(base, crop_mode="squash", seed=1)).endswith("-256px-squash-seed1")
+    assert common.preprocess_dict(common.make_preprocess("efficientnet_lite0", 256, "squash"))["crop_mode"] == "squash"
 
 
 def test_grid_spec_parses_and_rejects_bad_axes():

@@ -293,6 +293,37 @@ def test_eval_matches_torchvision(real_split, path, interpolation):
     assert (got - ref).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_squash_eval_is_the_whole_image_resized(real_split, path, tmp_path):
+    """crop_mode squash: Resize((crop, crop)) -> ToTensor -> Normalize, within 1e-4; it shares the
+    cache folder with center mode and never reads center's cache."""
+    files = sorted((real_split / "test").glob("*/*.jpg"))[:30]
+    samples = [(str(f), i) for i, f in enumerate(files)]
+    got = {}
+    for mode in ("center", "squash"):
+        pre = P.Preprocess(crop=56, resize=64, crop_mode=mode, **IMAGENET)
+        loader = P.build_loader(samples, train=False, preprocess=pre, augment="none", recipe="resnet18",
+                                batch_size=50, workers=0, device=CPU, seed=0, cache_dir=str(tmp_path),
+                                progress=False, gpu_augment=PATHS[path])
+        got[mode] = torch.cat([x for x, _ in loader])
+    ref = torch.stack([T.Compose([T.Resize((56, 56)), T.ToTensor(), T.Normalize(**IMAGENET)])(
+        Image.open(f).convert("RGB")) for f in files])
+    assert (got["squash"] - ref).abs().max() <= 1e-4
+    assert (got["center"] - ref).abs().amax(dim=(1, 2, 3)).min() > 0.5   # every image framed differently
+    train = P.build_loader(samples, train=True, preprocess=P.Preprocess(crop=56, resize=64, crop_mode="squash",
+                                                                        **IMAGENET),
+                           augment="none", recipe="resnet18", batch_size=10, workers=0, device=CPU, seed=0,
+                           cache_dir=str(tmp_path), progress=False, gpu_augment=PATHS[path])
+    for x, y in train:   # --augment none trains on the same framing
+        assert (x - ref[y]).abs().max() <= 1e-4
+    assert len(list(tmp_path.glob("eval-*.npy"))) == 2
+    with pytest.raises(ValueError, match="unknown crop_mode 'border'; choose from center, squash"):
+        P.build_loader(samples, train=False, preprocess=P.Preprocess(crop=56, resize=64, crop_mode="border",
+                                                                     **IMAGENET),
+                       augment="none", recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
+                       cache_dir=None, progress=False)
+
+
 def test_augment_none_is_eval_preprocessing_shuffled(real_split):
     files = sorted((real_split / "test").glob("*/*.jpg"))[:40]
     samples = [(str(f), i) for i, f in enumerate(files)]

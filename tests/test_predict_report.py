@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torchvision import models
+from torchvision import models, transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
@@ -118,6 +118,7 @@ def test_predict_batches_give_the_same_answer_as_single_images(tiny):
     (models.ResNet18_Weights.IMAGENET1K_V1, None),
     (models.EfficientNet_B4_Weights.IMAGENET1K_V1, None),
     (None, SMALL),
+    (None, dict(SMALL, crop_mode="squash")),
 ])
 def test_load_image_equals_torchvision_preprocessing_bit_for_bit(tiny, weights, pre):
     if weights is not None:
@@ -125,6 +126,9 @@ def test_load_image_equals_torchvision_preprocessing_bit_for_bit(tiny, weights, 
         ref = t
         pre = dict(crop=t.crop_size[0], resize=t.resize_size[0], mean=t.mean, std=t.std,
                    interpolation=t.interpolation.value)
+    elif pre.get("crop_mode") == "squash":
+        ref = transforms.Compose([transforms.Resize((pre["crop"], pre["crop"])), transforms.ToTensor(),
+                                  transforms.Normalize(pre["mean"], pre["std"])])
     else:
         ref = ImageClassification(crop_size=pre["crop"], resize_size=pre["resize"], mean=pre["mean"],
                                   std=pre["std"])
@@ -132,6 +136,13 @@ def test_load_image_equals_torchvision_preprocessing_bit_for_bit(tiny, weights, 
         x = predict.load_image(path, pre)
         assert x.shape == (3, pre["crop"], pre["crop"])
         assert torch.equal(x, ref(Image.open(path).convert("RGB")))
+
+
+def test_check_preprocess_reads_older_checkpoints_and_rejects_unknown_framing():
+    assert predict.check_preprocess(dict(SMALL))["crop_mode"] == "center"   # written before --crop-mode
+    assert predict.check_preprocess(dict(SMALL, crop_mode="squash"))["crop_mode"] == "squash"
+    with pytest.raises(predict.PredictError, match="best.pth: unknown crop_mode 'border'; valid: center, squash"):
+        predict.check_preprocess(dict(SMALL, crop_mode="border"), "best.pth")
 
 
 def test_predict_on_a_real_image_with_a_101_class_checkpoint(real_split, tmp_path, capsys):

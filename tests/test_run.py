@@ -123,6 +123,7 @@ BAD = [
     (["--unfreeze", "layer9"], "unknown module layer9"),
     (["--weights", "missing.pth"], "not imagenet, none, or an existing file"),
     (["--device", "tpu"], "valid values are auto, cpu, cuda, cuda:N"),
+    (["--crop-mode", "border"], "argument --crop-mode: invalid choice: 'border'"),
 ]
 
 
