@@ -394,13 +394,20 @@ def resolve_config(args, defaults, script):
         c["epochs"] = defaults["scratch_epochs"] if scratch else defaults["epochs"]
     if c["unfreeze"] is None:
         c["unfreeze"] = "all" if scratch else defaults["unfreeze"]
-    if scratch:
-        c["backbone_lr_ratio"] = 1.0  # nothing pretrained to protect: one lr for every layer
-        c["bn_stats"] = "train"  # a random network's running statistics mean nothing yet
-        c["probe_epochs"] = 0  # no features worth probing
+    scratch_rules(c)
     c["img_size"] = c["img_size"] or weights_preprocess(c["arch"])["crop"]
     check_config(c)
     parse_unfreeze(c["unfreeze"], c["arch"])  # fails early on an unknown module name
+    return c
+
+
+def scratch_rules(c):
+    """--weights none: the settings a random network needs whatever else was asked (single runs,
+    grid trials, the comparison's random side). -> c, changed in place."""
+    if c["weights"] == "none":
+        c["backbone_lr_ratio"] = 1.0  # nothing pretrained to protect: one lr for every layer
+        c["bn_stats"] = "train"  # a random network's running statistics mean nothing yet
+        c["probe_epochs"] = 0  # no features worth probing
     return c
 
 
@@ -991,13 +998,8 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
     preprocessing), which is what makes a head train in seconds.
     """
     config = dict(config, augment="none")
-    options = loader_options(config, device)
-    pre = options["preprocess"]
-    feats = {}
-    for split, samples in (("train", train), ("val", val), ("test", test)):
-        loader = make_loader(samples, config, options, train=False)
-        if loader is not None:
-            feats[split] = cached_features(config, model, split, loader.samples, loader, device, dtype)
+    pre = make_preprocess(config["arch"], config["img_size"], config["crop_mode"])
+    feats = split_features(config, model, (("train", train), ("val", val), ("test", test)), device, dtype)
 
     parent, child = get_submodule_parent(model, ARCHS[config["arch"]].head)
     head = getattr(parent, child)
@@ -1049,6 +1051,15 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
     return metrics
 
 
+def split_features(config, model, splits, device, dtype):
+    """{name: (features, labels)} of the frozen backbone for each (name, samples) with samples,
+    through the evaluation preprocessing; cached on disk (cached_features)."""
+    options = loader_options(config, device)
+    loaders = [(name, make_loader(samples, config, options, train=False)) for name, samples in splits]
+    return {name: cached_features(config, model, name, loader.samples, loader, device, dtype)
+            for name, loader in loaders if loader is not None}
+
+
 def head_steps(n, batch_size):
     """Batches per epoch on cached features: the last partial batch is dropped, as in training."""
     return max(1, n // batch_size)
@@ -1082,10 +1093,7 @@ def linear_probe(config, model, train, val, device, dtype):
     """LP-FT (Kumar et al., 2022): before fine-tuning, train the new head alone on cached features
     for --probe-epochs, so the first fine-tuning steps do not push a random head's gradients into
     the pretrained stages. The best head on validation is kept in `model`."""
-    options = loader_options(dict(config, augment="none"), device)
-    feats = {split: cached_features(config, model, split, loader.samples, loader, device, dtype)
-             for split, loader in (("train", make_loader(train, config, options, False)),
-                                   ("val", make_loader(val, config, options, False))) if loader is not None}
+    feats = split_features(config, model, (("train", train), ("val", val)), device, dtype)
     parent, child = get_submodule_parent(model, ARCHS[config["arch"]].head)
     head = getattr(parent, child)
     # A fresh linear layer alone takes a head-only rate; --lr is then the fine-tuning rate of a trained head.
@@ -1101,8 +1109,7 @@ def linear_probe(config, model, train, val, device, dtype):
                                   seed=config["seed"] * 1000 - epoch, epoch=epoch)
         except NonFiniteLoss as e:
             fail(f"linear probe: {e}")
-        val = head_metrics(head, *feats["val"], criterion, head.out_features) if "val" in feats else tm
-        score = val["top1"]
+        score = (head_metrics(head, *feats["val"], criterion, head.out_features) if "val" in feats else tm)["top1"]
         if score > best:
             best, best_state = score, {k: v.clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from common import (atomic_write, check_config, default_run_name, fail, fit, hparams_summaries, parse_unfreeze,
-                    run_dir_of, scan_split, write_json)
+                    run_dir_of, scan_split, scratch_rules, write_json)
 
 # Options a grid may vary (option names with underscores).
 GRID_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "unfreeze", "img_size", "crop_mode", "backbone_lr_ratio",
@@ -118,10 +118,9 @@ def grid_trials(base, axes, explicit=()):
     trials = []
     for combo in itertools.product(*axes.values()):
         c = dict(base, **dict(zip(axes, combo)))
-        if c["weights"] == "none":
-            c["backbone_lr_ratio"] = 1.0  # nothing pretrained to protect, as a single run does
-            if "unfreeze" not in axes and "unfreeze" not in explicit:
-                c["unfreeze"] = "all"
+        scratch_rules(c)  # as a single run: one lr, batch statistics, no probe
+        if c["weights"] == "none" and "unfreeze" not in axes and "unfreeze" not in explicit:
+            c["unfreeze"] = "all"
         check_config(c)
         parse_unfreeze(c["unfreeze"], c["arch"])
         if not c["val_fraction"] > 0:
@@ -458,7 +457,7 @@ def run_compare(config, explicit=(), winner=None):
         fail("--compare trains the pretrained network against random init: give --weights imagenet or PATH, not none")
     group = f"{grid_root.name}-compare" if winner is not None else (config["name"] or "compare")
     root = Path(config["out"]) / config["script"] / group
-    scratch = dict(pre, weights="none", unfreeze="all", backbone_lr_ratio=1.0, bn_stats="train", probe_epochs=0)
+    scratch = scratch_rules(dict(pre, weights="none", unfreeze="all"))
     runs = [("pretrained", pre), ("random init", scratch)]
     runs = [(label, place(c, config["out"], config["script"], group, label.replace(" ", "_"))) for label, c in runs]
     reuse = winner is not None and not differing_options(winner, pre) and first_row(winner)["status"] == "done"
@@ -470,14 +469,12 @@ def run_compare(config, explicit=(), winner=None):
             check_run_folder(c)
     rows = []
     for label, c in runs:
+        row = first_row(c)
         if c is winner:
             print(f"compare: pretrained = grid trial {run_dir_of(c)} (finished, reused)", flush=True)
-            row = first_row(c)
-        else:
-            row = first_row(c)
-            if row["status"] != "done":
-                print(f"compare: training {label} in {run_dir_of(c)}", flush=True)
-                row = run_trial(c)
+        elif row["status"] != "done":
+            print(f"compare: training {label} in {run_dir_of(c)}", flush=True)
+            row = run_trial(c)
         rows.append(dict(row, init=label))
     a, b = rows[0]["Top@1"], rows[1]["Top@1"]
     diff = None if a is None or b is None else a - b

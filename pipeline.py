@@ -11,11 +11,11 @@ Why it is fast:
     perspective) are drawn at once with numpy, with torchvision's distributions, and folded
     into 3x3 geometric matrices and one 3x3 colour matrix + offset per image;
   * CPU path (DataLoader workers), uint8 from end to end, in torchvision's order: one
-    antialiased resize of the crop box (torch's uint8 AVX2 kernel), one NEAREST affine transform (flip + rotation), the
-    whole ColorJitter + RandomGrayscale as one PIL convert(matrix), the 3-tap blur in int16
-    fixed point, the perspective as one NEAREST homography; workers hand uint8 batches
-    (a quarter of float32's bytes) through shared memory, and the consumer normalises a
-    whole batch in one pass into channels_last float32;
+    antialiased resize of the crop box (torch's uint8 AVX2 kernel), one NEAREST affine
+    transform (flip + rotation), the whole ColorJitter + RandomGrayscale as one PIL
+    convert(matrix), the 3-tap blur in int16 fixed point, the perspective as one NEAREST
+    homography; workers hand uint8 batches (a quarter of float32's bytes) through shared
+    memory, and the consumer normalises a whole batch in one pass into channels_last float32;
   * GPU path: the uint8 cache lives on the device; per batch one grid_sample for
     crop+flip+rotation+perspective and one batched 3x3 colour matrix that also normalises.
     No per-image Python in the hot path;
@@ -503,11 +503,11 @@ def render_pil(src: np.ndarray, plan: dict, k: int, crop: int) -> np.ndarray:
     """One augmented image on uint8, in torchvision's order -> HWC uint8 crop x crop.
 
     RandomResizedCrop: the crop box resized to crop x crop (antialiased bilinear, as
-    torchvision's PIL resize; see _resize_box). Flip + RandomRotation: one NEAREST affine transform (RandomRotation's default),
-    zero fill. ColorJitter + RandomGrayscale: one 3x3 matrix + offset, M x + K mean(x) with
-    the mean of the rotated image as ColorJitter's contrast sees it, by PIL's
-    convert(matrix), which rounds and clips to uint8 as each PIL jitter op does. Then the
-    3-tap GaussianBlur, then RandomPerspective as a NEAREST homography with its zero fill
+    torchvision's PIL resize; see _resize_box). Flip + RandomRotation: one NEAREST affine
+    transform (RandomRotation's default), zero fill. ColorJitter + RandomGrayscale: one 3x3
+    matrix + offset, M x + K mean(x) with the mean of the rotated image as ColorJitter's
+    contrast sees it, by PIL's convert(matrix), which rounds and clips to uint8 as each PIL
+    jitter op does. Then the 3-tap GaussianBlur, then RandomPerspective as a NEAREST homography with its zero fill
     (the original resamples it BILINEAR: 3.6 ms at 380 px against 0.2 ms).
     """
     S = plan["S"][k]

@@ -135,9 +135,10 @@ def test_command_line_options_apply_unless_the_grid_varies_them(tiny, tmp_path):
     spec = experiments.grid_axes({"epochs": [2]}, explicit={"epochs"}, from_spec=True)
     assert [t["epochs"] for t in experiments.grid_trials(base, spec, {"epochs"})] == [2]
     # random weights: every layer at one lr, as a single run does
-    pre = config_for(tiny, tmp_path, ["--weights", "imagenet"])
+    pre = config_for(tiny, tmp_path, ["--weights", "imagenet", "--bn-stats", "frozen", "--probe-epochs", "5"])
     scratch = experiments.grid_trials(pre, {"weights": ["imagenet", "none"]})
-    assert [(t["unfreeze"], t["backbone_lr_ratio"]) for t in scratch] == [("last:1", 0.1), ("all", 1.0)]
+    assert [(t["unfreeze"], t["backbone_lr_ratio"], t["bn_stats"], t["probe_epochs"]) for t in scratch] == [
+        ("last:1", 0.1, "frozen", 5), ("all", 1.0, "train", 0)]
     with pytest.raises(SystemExit, match="unknown module layer9"):
         experiments.grid_trials(base, {"unfreeze": ["all", "layer9"]})
     with pytest.raises(SystemExit, match="--val-fraction must be > 0"):
