@@ -63,7 +63,7 @@ class Preprocess:
     crop_mode: str = "center"
 
 
-AUGMENTS = ("seed", "light", "none")
+AUGMENTS = ("seed", "light", "flip", "none")
 CROP_MODES = ("center", "squash")
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)   # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
@@ -103,15 +103,20 @@ SEED_RECIPES: dict[str, dict] = {
 }
 SEED_RECIPES["efficientnet_lite0"] = dict(SEED_RECIPES["resnet18"])   # no original: resnet18's
 LIGHT_RECIPE = _recipe(scale=(0.08, 1.0), flip=0.5)   # torchvision references' train preset
+# --augment flip: the evaluation framing (served from the eval cache), mirrored left-right with
+# this probability: the mildest augmentation, framing and scale kept. It did not pay on
+# Caltech-101, whose objects mostly face one way (README, Results); it may on other folders.
+FLIP_P = 0.5
 
 
 def train_recipe(augment: str, recipe: str) -> dict | None:
-    """The augmentation dict for (augment, recipe); None for 'none' (evaluation preprocessing)."""
+    """The augmentation dict for (augment, recipe); None for 'none' and 'flip' (evaluation
+    preprocessing; 'flip' mirrors it, see FLIP_P)."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTS)}")
     if recipe not in SEED_RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(SEED_RECIPES)}")
-    return {"seed": SEED_RECIPES[recipe], "light": LIGHT_RECIPE, "none": None}[augment]
+    return {"seed": SEED_RECIPES[recipe], "light": LIGHT_RECIPE, "flip": None, "none": None}[augment]
 
 
 class BadImagesError(ValueError):
@@ -701,7 +706,7 @@ class Loader:
 
     def __init__(self, *, images, rows, sizes, samples, skipped, train, recipe, pre, batch_size,
                  workers, device, seed, rank, world_size, gpu_augment, cache_path,
-                 cache_build_s, long_side):
+                 cache_build_s, long_side, flip_p=0.0):
         self.images, self.sizes, self.samples, self.skipped = images, sizes, samples, skipped
         self.rows = rows        # cache row of each kept sample (bad files keep their rows)
         self.labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
@@ -709,6 +714,8 @@ class Loader:
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.rank, self.world_size, self.gpu_augment = rank, world_size, gpu_augment
         self.cache_path, self.cache_build_s, self.long_side = cache_path, cache_build_s, long_side
+        self.flip_p = flip_p    # augment=flip: mirror this share of the eval-framed images
+        self._flip = None
         n = len(samples)
         if train:   # DistributedSampler(drop_last=True): equal disjoint shares, no padding
             share = n // world_size
@@ -744,6 +751,9 @@ class Loader:
             sizes = self.sizes[order]
             self._plan = plan_arrays(draw_params(self.recipe, sizes, self.pre.crop, rng),
                                      sizes, self.pre.crop, self.long_side)
+        if self.flip_p:
+            rng = np.random.default_rng([self.seed, epoch, self.rank, 2])
+            self._flip = torch.from_numpy(rng.random(len(order)) < self.flip_p)
         self._batches = [np.arange(a, min(a + self.batch_size, len(order)))
                          for a in range(0, len(order), self.batch_size)]
         self._order_idx = order
@@ -769,13 +779,20 @@ class Loader:
             for b, u8 in zip(self._batches, self._loader):
                 yield b, u8.to(self.device, non_blocking=True)
 
+    def _flipped(self, u8: torch.Tensor, b: np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, 3] with the rows drawn for flipping mirrored (augment=flip)."""
+        if self._flip is None:
+            return u8
+        mask = self._flip[b].to(u8.device, non_blocking=True).view(-1, 1, 1, 1)
+        return torch.where(mask, u8.flip(2), u8)
+
     def __iter__(self):
         dev = self.device
         if self.gpu_augment:
             for b, u8 in self._device_batches():
                 y = self.labels[self._order_idx[b]].to(dev, non_blocking=True)
                 if self._plan is None:
-                    yield normalise_hwc(u8, self.pre), y
+                    yield normalise_hwc(self._flipped(u8, b), self.pre), y
                 else:
                     packed = pack_plan(self._plan, b).to(dev, non_blocking=True)
                     blur = not np.isnan(self._plan["sigma"][b]).all()
@@ -783,7 +800,7 @@ class Loader:
         else:
             for b, u8 in zip(self._batches, self._loader):   # uint8 from the workers
                 y = self.labels[self._order_idx[b]].to(dev, non_blocking=True)
-                yield normalise_hwc(u8.to(dev, non_blocking=True), self.pre), y
+                yield normalise_hwc(self._flipped(u8.to(dev, non_blocking=True), b), self.pre), y
 
 
 def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Preprocess,
@@ -794,7 +811,8 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
     """A Loader over (path, label) samples; decodes every image once (the cache).
 
     train=True: a fresh permutation per epoch (same on every rank, rank r takes every
-    world_size-th sample), augmentation `augment` for `recipe`, a last batch of 1 dropped.
+    world_size-th sample), augmentation `augment` for `recipe`, a last batch of 1 dropped;
+    `none` and `flip` train on the evaluation framing (flip: mirrored with probability FLIP_P).
     train=False: evaluation preprocessing, every sample exactly once across the ranks.
     gpu_augment: None = batched tensor augmentation when device is CUDA, PIL on the CPU
     otherwise; True/False force a path (tests run the tensor path on the CPU).
@@ -834,4 +852,5 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
                   recipe=aug, pre=preprocess, batch_size=batch_size, workers=workers,
                   device=device, seed=seed, rank=rank, world_size=world_size,
                   gpu_augment=device.type == "cuda" if gpu_augment is None else gpu_augment,
-                  cache_path=cache_path, cache_build_s=build_s, long_side=geo.get("long", 0))
+                  cache_path=cache_path, cache_build_s=build_s, long_side=geo.get("long", 0),
+                  flip_p=FLIP_P if train and augment == "flip" else 0.0)

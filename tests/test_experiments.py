@@ -108,6 +108,16 @@ def config_for(data, out, argv=(), defaults=R18):
     return common.resolve_config(args, defaults, "main_ResNet-18")
 
 
+def test_a_script_may_set_its_backbone_lr_ratio(tiny, tmp_path):
+    """DEFAULTS["backbone_lr_ratio"] (Lite0 sets 1) replaces 0.1; the option still wins; random init is 1."""
+    pre = ["--weights", "imagenet"]   # resolving the config downloads nothing
+    own = dict(R18, backbone_lr_ratio=1.0)
+    assert config_for(tiny, tmp_path, pre)["backbone_lr_ratio"] == 0.1
+    assert config_for(tiny, tmp_path, pre, defaults=own)["backbone_lr_ratio"] == 1.0
+    assert config_for(tiny, tmp_path, [*pre, "--backbone-lr-ratio", "0.3"], defaults=own)["backbone_lr_ratio"] == 0.3
+    assert config_for(tiny, tmp_path, ["--backbone-lr-ratio", "0.3"])["backbone_lr_ratio"] == 1.0   # weights none
+
+
 def test_grid_spec_values_are_typed_and_bad_axes_fail_clearly():
     g = experiments.parse_grid_spec(" lr=1e-3,3e-4 ; batch-size=32,64;unfreeze=last:1,all;weights=none ")
     assert g == {"lr": [1e-3, 3e-4], "batch_size": [32, 64], "unfreeze": ["last:1", "all"], "weights": ["none"]}

@@ -341,6 +341,37 @@ def test_augment_none_is_eval_preprocessing_shuffled(real_split):
     assert sorted(ys) == list(range(40)) and ys != list(range(40))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_augment_flip_mirrors_the_eval_framing(real_split, path, tmp_path):
+    """augment=flip: each training image is the eval crop or its left-right mirror, about half
+    mirrored, drawn afresh each epoch and the same on a rebuilt loader; evaluation never flips."""
+    files = sorted((real_split / "test").glob("*/*.jpg"))[:48]
+    samples = [(str(f), i) for i, f in enumerate(files)]
+    pre = P.Preprocess(crop=48, resize=56, crop_mode="squash", **IMAGENET)
+    kw = dict(preprocess=pre, recipe="efficientnet_lite0", batch_size=16, workers=0, device=CPU,
+              seed=3, cache_dir=str(tmp_path), progress=False, gpu_augment=PATHS[path])
+    ref = torch.cat([x for x, _ in P.build_loader(samples, train=False, augment="flip", **kw)])
+    assert ref.shape == (48, 3, 48, 48)
+
+    def mirrored(loader, epoch):
+        loader.set_epoch(epoch)
+        out = {}
+        for x, y in loader:
+            for k, label in enumerate(y.tolist()):
+                same, flip = torch.equal(x[k], ref[label]), torch.equal(x[k], ref[label].flip(2))
+                assert same != flip   # exactly one: these photos are not mirror-symmetric
+                out[label] = flip
+        return out
+
+    loader = P.build_loader(samples, train=True, augment="flip", **kw)
+    e1, e2 = mirrored(loader, 1), mirrored(loader, 2)
+    assert sorted(e1) == list(range(48))
+    assert 12 <= sum(e1.values()) <= 36 and 12 <= sum(e2.values()) <= 36
+    assert e1 != e2
+    assert mirrored(P.build_loader(samples, train=True, augment="flip", **kw), 1) == e1
+    assert len(list(tmp_path.glob("*.npy"))) == 1   # trains from the eval cache: no second decode
+
+
 def test_grayscale_and_palette_files_become_rgb(tmp_path):
     gray = tmp_path / "g.png"
     Image.fromarray(np.full((30, 40), 100, np.uint8)).save(gray)
@@ -490,7 +521,7 @@ def test_truncated_jpeg_raises_or_is_skipped(real_split, tmp_path, train):
 
 def test_unknown_choices_list_the_allowed_values(coord_samples):
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
-    with pytest.raises(ValueError, match="seed, light, none"):
+    with pytest.raises(ValueError, match="seed, light, flip, none"):
         P.build_loader(coord_samples, train=True, preprocess=pre, augment="heavy",
                        recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
                        cache_dir=None, progress=False)

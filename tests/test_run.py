@@ -218,3 +218,32 @@ def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_p
                    weights, "--img-size", "64", "--workers", "0", "--epochs", "1", "--probe-epochs", "3",
                    "--cache-dir", tmp_path / "cache")
     assert r.returncode == 0 and "linear probe: head trained 3 epochs" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_validation_tie_goes_to_the_lower_loss():
+    assert common.improves({"top1": 97.1, "loss": 0.94}, {"top1": 97.1, "loss": 0.95})
+    assert not common.improves({"top1": 97.1, "loss": 0.96}, {"top1": 97.1, "loss": 0.95})
+    assert common.improves({"top1": 97.2, "loss": 2.0}, {"top1": 97.1, "loss": 0.95})   # top-1 first
+    assert not common.improves({"top1": 97.0, "loss": 0.1}, {"top1": 97.1, "loss": 0.95})
+    assert not common.improves({"top1": 97.1, "loss": 0.1}, {"top1": 97.1})   # an older checkpoint's best
+
+
+def test_fit_keeps_the_tied_epoch_with_the_lower_validation_loss(tiny_split, tmp_path, monkeypatch):
+    """Validation top-1 ties at epochs 2 and 3, loss falls: best.pth is epoch 3, its weights the last's."""
+    real, calls = common.evaluate, []
+    scripted = [(50.0, 2.0), (60.0, 1.5), (60.0, 1.2)]
+
+    def evaluate(*args, **kw):
+        m = real(*args, **kw)
+        if len(calls) < len(scripted):
+            m = dict(m, top1=scripted[len(calls)][0], loss=scripted[len(calls)][1])
+        calls.append(m)
+        return m
+
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    metrics = common.fit(config_for(tiny_split, tmp_path, name="tie"))
+    assert (metrics["best_epoch"], metrics["best_val_top1"]) == (3, 60.0)
+    run = tmp_path / "main_test" / "tie"
+    best, last = (torch.load(run / f, weights_only=True) for f in ("best.pth", "last.pth"))
+    assert best["epoch"] == 3 and best["best"] == {"top1": 60.0, "loss": 1.2, "epoch": 3}
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
