@@ -351,6 +351,7 @@ def test_augment_flip_mirrors_the_eval_framing(real_split, path, tmp_path):
     kw = dict(preprocess=pre, recipe="efficientnet_lite0", batch_size=16, workers=0, device=CPU,
               seed=3, cache_dir=str(tmp_path), progress=False, gpu_augment=PATHS[path])
     ref = torch.cat([x for x, _ in P.build_loader(samples, train=False, augment="flip", **kw)])
+    assert torch.equal(ref, torch.cat([x for x, _ in P.build_loader(samples, train=False, augment="none", **kw)]))
     assert ref.shape == (48, 3, 48, 48)
 
     def mirrored(loader, epoch):
