@@ -780,6 +780,13 @@ def improves(m, best):
     return (m["top1"], -m["loss"]) > (best["top1"], -best.get("loss", -math.inf))
 
 
+def best_record(vm, epoch):
+    """What a checkpoint keeps of its best epoch; vm None (no validation part): every epoch is best."""
+    if vm is None:
+        return {"top1": float("nan"), "epoch": epoch}
+    return {"top1": vm["top1"], "loss": vm["loss"], "epoch": epoch}
+
+
 def fit(config, stop_after=None):
     """Train one run; write config.json, events, last.pth, best.pth, metrics.json; return the metrics.
 
@@ -872,8 +879,7 @@ def fit(config, stop_after=None):
         vm = evaluate(net, val_loader, criterion, device, dtype, len(classes), memory_format) if val_loader else None
         improved = vm is None or improves(vm, best)
         if improved:
-            best = {"top1": vm["top1"], "loss": vm["loss"], "epoch": epoch} if vm else \
-                {"top1": float("nan"), "epoch": epoch}
+            best = best_record(vm, epoch)
         if writer_rank:
             log_epoch(writer, epoch, tm, vm, optimizer, config["epochs"])
             if improved:  # best before last: wherever a kill lands, a last.pth has its best.pth
@@ -1045,8 +1051,7 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
         vm = head_metrics(head, *feats["val"], criterion, len(classes)) if "val" in feats else None
         improved = vm is None or improves(vm, best)
         if improved:
-            best = {"top1": vm["top1"], "loss": vm["loss"], "epoch": epoch} if vm else \
-                {"top1": float("nan"), "epoch": epoch}
+            best = best_record(vm, epoch)
         log_epoch(writer, epoch, tm, vm, optimizer, config["epochs"])
         if improved:
             save_checkpoint(run_dir / "best.pth", state(epoch))

@@ -21,6 +21,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 import common
+import pipeline
 
 CHECKPOINT_KEYS = ("model", "classes", "arch", "preprocess")
 PREPROCESS_KEYS = ("crop", "resize", "mean", "std", "interpolation")
@@ -75,8 +76,8 @@ def check_preprocess(pre, source="checkpoint"):
     if pre["interpolation"] not in valid:
         raise PredictError(f"{source}: unknown interpolation {pre['interpolation']!r}; valid: {', '.join(valid)}")
     crop_mode = pre.get("crop_mode", "center")  # checkpoints written before --crop-mode: center
-    if crop_mode not in ("center", "squash"):
-        raise PredictError(f"{source}: unknown crop_mode {crop_mode!r}; valid: center, squash")
+    if crop_mode not in pipeline.CROP_MODES:
+        raise PredictError(f"{source}: unknown crop_mode {crop_mode!r}; valid: {', '.join(pipeline.CROP_MODES)}")
     return {"crop": int(pre["crop"]), "resize": int(pre["resize"]), "mean": [float(v) for v in pre["mean"]],
             "std": [float(v) for v in pre["std"]], "interpolation": pre["interpolation"], "crop_mode": crop_mode}
 
