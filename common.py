@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torchvision import models
+from torchvision.ops import StochasticDepth
 
 import pipeline
 
@@ -376,6 +377,9 @@ def get_args_parser(defaults):
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
     a("--skip-bad", action="store_true", help="train without images that cannot be decoded instead of stopping")
     a("--cache-dir", default=None, help="decoded-image and feature caches (default DATA/.cache)")
+    a("--cache-frozen", default="auto", choices=("auto", "off"),
+      help="auto: when the leading stages are frozen and training sees the evaluation framing "
+           "(--augment none), compute their outputs once and train the rest on them; off: run them every step")
     a("--grid", action="store_true", help="run this script's hyper-parameter grid (ranked on validation)")
     a("--grid-spec", default=None, help='replace the grid: "lr=1e-3,3e-4;batch_size=32,64;unfreeze=last:1,all"')
     a("--halving", type=int, default=0,
@@ -818,8 +822,6 @@ def fit(config, stop_after=None):
     if config["unfreeze"] == "head" and world == 1:
         return fit_head_only(config, model, classes, train, val, test, device, dtype, run_dir, ckpt, stop_after)
 
-    if config["probe_epochs"] and ckpt is None and config["weights"] != "none":
-        linear_probe(config, model, train, val, device, dtype)  # every rank alike: same features, same seed
     options = loader_options(config, device, rank, world)
     pre = options["preprocess"]
     if world > 1 and rank != 0:
@@ -842,7 +844,11 @@ def fit(config, stop_after=None):
         start_epoch = ckpt["epoch"] + 1
         best, train_seconds, images_trained = ckpt["best"], ckpt["train_seconds"], ckpt["images_trained"]
 
-    net = model
+    net, (train_loader, val_loader, test_loader), frozen = cache_frozen_prefix(
+        config, model, (train_loader, val_loader, test_loader), options, device, dtype, world)
+    if config["probe_epochs"] and ckpt is None and config["weights"] != "none":
+        # every rank alike: same features, same seed
+        linear_probe(config, model, train, val, device, dtype, frozen)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config["compile"]:
@@ -965,6 +971,131 @@ def print_config(config, run_dir, classes, train, val, test, trained, model, dev
 
 
 # --------------------------------------------------------------------------------------------
+# Frozen prefix: when the leading stages are frozen and training sees the evaluation framing,
+# their outputs never change. They are computed once per image, and the rest trains on them.
+# --------------------------------------------------------------------------------------------
+def forward_sequence(model):
+    """The network's modules in forward order (torchvision's ResNet and EfficientNet forwards, and
+    Lite0's), so that it can be cut where its frozen part ends: nn.Sequential(*seq)(x) == model(x)."""
+    if isinstance(model, models.ResNet):
+        m = model
+        return [m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4, m.avgpool,
+                nn.Flatten(1), m.fc]
+    return [*model.features, model.avgpool, nn.Flatten(1), model.classifier]
+
+
+def _deterministic_frozen(module):
+    """True when the module trains nothing and computes the same in training as in evaluation, under
+    set_train_mode: no trained parameter, every BatchNorm in eval mode, no dropout or stochastic depth."""
+    if any(p.requires_grad for p in module.parameters()):
+        return False
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            return False
+        if isinstance(m, (nn.modules.dropout._DropoutNd, StochasticDepth)) and m.p > 0:
+            return False
+    return True
+
+
+def split_frozen_prefix(model, bn_stats):
+    """-> (prefix, rest): nn.Sequentials sharing the model's modules; prefix is the longest run of
+    leading feature modules that _deterministic_frozen holds for (empty when there is none)."""
+    seq = forward_sequence(model)
+    n_features = len(seq) - 3  # then avgpool, flatten, head
+    set_train_mode(model, bn_stats)
+    k = 0
+    while k < n_features and _deterministic_frozen(seq[k]):
+        k += 1
+    model.eval()
+    return nn.Sequential(*seq[:k]), nn.Sequential(*seq[k:])
+
+
+def memory_budget(device):
+    """Bytes that cached activations may take: a quarter of the GPU's free memory, or of the RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume a 16 GB machine
+        return 4 << 30
+
+
+@torch.no_grad()
+def prefix_outputs(prefix, loader, device, dtype):
+    """The prefix's outputs for every sample of an evaluation loader, in its sample order."""
+    prefix.eval()
+    out = []
+    for x, _ in loader:
+        with autocast(device, dtype):
+            out.append(prefix(x.to(memory_format=torch.channels_last)))
+    return torch.cat(out)
+
+
+class PrefixBatches:
+    """A pipeline.Loader's batches, same order and labels, with the frozen prefix's cached outputs
+    in place of the images (outputs[i] belongs to loader.samples[i])."""
+
+    def __init__(self, loader, outputs):
+        if len(outputs) != len(loader.samples):
+            raise ValueError(f"{len(outputs)} cached outputs for {len(loader.samples)} samples")
+        self.loader, self.outputs = loader, outputs
+        self.labels = loader.labels.to(outputs.device)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for idx in self.loader.batch_indices():
+            i = torch.from_numpy(idx).to(self.outputs.device)
+            yield self.outputs[i], self.labels[i]
+
+
+def cache_frozen_prefix(config, model, loaders, options, device, dtype, world):
+    """--cache-frozen auto: -> (the network after the frozen prefix, loaders serving the prefix's
+    outputs, FrozenPrefix), computed once. (model, loaders, None) when training is augmented (each
+    epoch shows other pixels), runs on several processes, nothing leading is frozen, or the outputs
+    would take more than memory_budget(). loaders: train, val, test (val may be None)."""
+    if config["cache_frozen"] != "auto" or config["augment"] != "none" or world > 1:
+        return model, loaders, None
+    prefix, rest = split_frozen_prefix(model, config["bn_stats"])
+    if not len(prefix):
+        return model, loaders, None
+    train_loader = loaders[0]
+    sources = [make_loader(train_loader.samples, config, options, train=False)] + list(loaders[1:])
+    n = sum(len(s.samples) for s in sources if s is not None)
+    probe = next(iter(sources[0]))[0][:1]
+    with torch.no_grad(), autocast(device, dtype):
+        one = prefix.eval()(probe.to(memory_format=torch.channels_last))
+    need = n * one.numel() * one.element_size()
+    names = {id(m): name for name, m in model.named_modules()}
+    what = f"{names[id(prefix[0])]} to {names[id(prefix[-1])]}"
+    if need > memory_budget(device):
+        print(f"frozen {what}: outputs of {n} images would take {need / 2**20:.0f} MiB, over a quarter of "
+              f"the memory; running them every step", flush=True)
+        return model, loaders, None
+    t = time.perf_counter()
+    outs = [prefix_outputs(prefix, s, device, dtype) if s is not None else None for s in sources]
+    served = [PrefixBatches(loader, o) if loader is not None else None
+              for loader, o in zip(loaders, outs)]
+    print(f"frozen {what}: outputs of {n} images ({'x'.join(map(str, one.shape[1:]))}, "
+          f"{str(one.dtype).replace('torch.', '')}, {need / 2**20:.0f} MiB) computed once in "
+          f"{time.perf_counter() - t:.1f} s; training runs the rest on them", flush=True)
+    by_split = {"train": PrefixBatches(sources[0], outs[0]), "val": served[1], "test": served[2]}
+    return rest, served, FrozenPrefix(body=nn.Sequential(*rest[:-1]), batches=by_split)
+
+
+@dataclass
+class FrozenPrefix:
+    """What cache_frozen_prefix computed: the head's input from the cached outputs (body: the
+    network after the prefix, up to the head), and each split's outputs in evaluation order."""
+    body: nn.Module
+    batches: dict  # split name -> PrefixBatches (None for an empty split)
+
+
+# --------------------------------------------------------------------------------------------
 # Head only: the frozen backbone runs once per split; the head trains on cached features.
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -985,8 +1116,21 @@ def extract_features(model, arch_name, loader, device, dtype):
         setattr(parent, child, head)
 
 
-def cached_features(config, model, split, samples, loader, device, dtype):
-    """Features of one split, cached on disk by (architecture, weights, files, preprocessing)."""
+@torch.no_grad()
+def body_features(body, batches, device, dtype):
+    """The head's inputs from cached prefix outputs (FrozenPrefix): the rest of the backbone only."""
+    body.eval()
+    feats, labels = [], []
+    for x, y in batches:
+        with autocast(device, dtype):
+            feats.append(body(x.to(memory_format=torch.channels_last)).float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cached_features(config, model, split, samples, loader, device, dtype, frozen=None):
+    """Features of one split, cached on disk by (architecture, weights, files, preprocessing).
+    frozen: a FrozenPrefix; on a cache miss the features then come from its cached outputs."""
     cache = Path(cache_dir_of(config))
     w = config["weights"]
     weights_id = [w, os.path.getsize(w), os.path.getmtime(w)] if Path(w).is_file() else w
@@ -999,7 +1143,10 @@ def cached_features(config, model, split, samples, loader, device, dtype):
         obj = torch.load(path, map_location=device, weights_only=True)
         return obj["features"], obj["labels"]
     t = time.perf_counter()
-    f, y = extract_features(model, config["arch"], loader, device, dtype)
+    if frozen is not None and frozen.batches.get(split) is not None:
+        f, y = body_features(frozen.body, frozen.batches[split], device, dtype)
+    else:
+        f, y = extract_features(model, config["arch"], loader, device, dtype)
     cache.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {"features": f.cpu(), "labels": y.cpu()})
     print(f"{split}: features of {len(y)} images computed in {time.perf_counter() - t:.1f} s (cached in {path})",
@@ -1067,12 +1214,12 @@ def fit_head_only(config, model, classes, train, val, test, device, dtype, run_d
     return metrics
 
 
-def split_features(config, model, splits, device, dtype):
+def split_features(config, model, splits, device, dtype, frozen=None):
     """{name: (features, labels)} of the frozen backbone for each (name, samples) with samples,
     through the evaluation preprocessing; cached on disk (cached_features)."""
     options = loader_options(config, device)
     loaders = [(name, make_loader(samples, config, options, train=False)) for name, samples in splits]
-    return {name: cached_features(config, model, name, loader.samples, loader, device, dtype)
+    return {name: cached_features(config, model, name, loader.samples, loader, device, dtype, frozen)
             for name, loader in loaders if loader is not None}
 
 
@@ -1105,11 +1252,12 @@ def train_head_epoch(head, fx, fy, optimizer, scheduler, criterion, batch_size, 
     return {"loss": loss_sum / n, "top1": 100 * correct / n, "images": n, "seconds": time.perf_counter() - t}
 
 
-def linear_probe(config, model, train, val, device, dtype):
+def linear_probe(config, model, train, val, device, dtype, frozen=None):
     """LP-FT (Kumar et al., 2022): before fine-tuning, train the new head alone on cached features
     for --probe-epochs, so the first fine-tuning steps do not push a random head's gradients into
-    the pretrained stages. The best head on validation is kept in `model`."""
-    feats = split_features(config, model, (("train", train), ("val", val)), device, dtype)
+    the pretrained stages. The best head on validation is kept in `model`. frozen: a FrozenPrefix,
+    whose cached outputs then give the features (only the rest of the backbone runs)."""
+    feats = split_features(config, model, (("train", train), ("val", val)), device, dtype, frozen)
     parent, child = get_submodule_parent(model, ARCHS[config["arch"]].head)
     head = getattr(parent, child)
     # A fresh linear layer alone takes a head-only rate; --lr is then the fine-tuning rate of a trained head.

