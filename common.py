@@ -1099,33 +1099,26 @@ class FrozenPrefix:
 # Head only: the frozen backbone runs once per split; the head trains on cached features.
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
+def net_outputs(net, batches, device, dtype):
+    """net's outputs (float32) and the labels, for every batch, in evaluation mode."""
+    net.eval()
+    outs, labels = [], []
+    for x, y in batches:
+        with autocast(device, dtype):
+            outs.append(net(x.to(memory_format=torch.channels_last)).float())
+        labels.append(y)
+    return torch.cat(outs), torch.cat(labels)
+
+
 def extract_features(model, arch_name, loader, device, dtype):
     """Backbone outputs (the head's inputs) and labels for every sample of an eval loader."""
     parent, child = get_submodule_parent(model, ARCHS[arch_name].head)
     head = getattr(parent, child)
     setattr(parent, child, nn.Identity())
     try:
-        model.eval()
-        feats, labels = [], []
-        for x, y in loader:
-            with autocast(device, dtype):
-                feats.append(model(x.to(memory_format=torch.channels_last)).float())
-            labels.append(y)
-        return torch.cat(feats), torch.cat(labels)
+        return net_outputs(model, loader, device, dtype)
     finally:
         setattr(parent, child, head)
-
-
-@torch.no_grad()
-def body_features(body, batches, device, dtype):
-    """The head's inputs from cached prefix outputs (FrozenPrefix): the rest of the backbone only."""
-    body.eval()
-    feats, labels = [], []
-    for x, y in batches:
-        with autocast(device, dtype):
-            feats.append(body(x.to(memory_format=torch.channels_last)).float())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
 
 
 def cached_features(config, model, split, samples, loader, device, dtype, frozen=None):
@@ -1144,7 +1137,7 @@ def cached_features(config, model, split, samples, loader, device, dtype, frozen
         return obj["features"], obj["labels"]
     t = time.perf_counter()
     if frozen is not None and frozen.batches.get(split) is not None:
-        f, y = body_features(frozen.body, frozen.batches[split], device, dtype)
+        f, y = net_outputs(frozen.body, frozen.batches[split], device, dtype)  # the rest of the backbone only
     else:
         f, y = extract_features(model, config["arch"], loader, device, dtype)
     cache.mkdir(parents=True, exist_ok=True)
