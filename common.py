@@ -1053,6 +1053,14 @@ class PrefixBatches:
             yield self.outputs[i], self.labels[i]
 
 
+@dataclass
+class FrozenPrefix:
+    """What cache_frozen_prefix computed: the head's input from the cached outputs (body: the
+    network after the prefix, up to the head), and each split's outputs in evaluation order."""
+    body: nn.Module
+    batches: dict  # split name -> PrefixBatches (None for an empty split)
+
+
 def cache_frozen_prefix(config, model, loaders, options, device, dtype, world):
     """--cache-frozen auto: -> (the network after the frozen prefix, loaders serving the prefix's
     outputs, FrozenPrefix), computed once. (model, loaders, None) when training is augmented (each
@@ -1063,20 +1071,20 @@ def cache_frozen_prefix(config, model, loaders, options, device, dtype, world):
     prefix, rest = split_frozen_prefix(model, config["bn_stats"])
     if not len(prefix):
         return model, loaders, None
-    train_loader = loaders[0]
-    sources = [make_loader(train_loader.samples, config, options, train=False)] + list(loaders[1:])
-    n = sum(len(s.samples) for s in sources if s is not None)
-    probe = next(iter(sources[0]))[0][:1]
-    with torch.no_grad(), autocast(device, dtype):
-        one = prefix.eval()(probe.to(memory_format=torch.channels_last))
+    n = sum(len(loader.samples) for loader in loaders if loader is not None)
+    side = options["preprocess"].crop
+    with torch.no_grad(), autocast(device, dtype):  # one blank image: the size of each output
+        one = prefix.eval()(torch.zeros(1, 3, side, side, device=device))
     need = n * one.numel() * one.element_size()
     names = {id(m): name for name, m in model.named_modules()}
-    what = f"{names[id(prefix[0])]} to {names[id(prefix[-1])]}"
+    what = names[id(prefix[0])] + (f" to {names[id(prefix[-1])]}" if len(prefix) > 1 else "")
     if need > memory_budget(device):
         print(f"frozen {what}: outputs of {n} images would take {need / 2**20:.0f} MiB, over a quarter of "
               f"the memory; running them every step", flush=True)
         return model, loaders, None
     t = time.perf_counter()
+    # the training images in evaluation order (same pixels: --augment none), then val and test
+    sources = [make_loader(loaders[0].samples, config, options, train=False)] + list(loaders[1:])
     outs = [prefix_outputs(prefix, s, device, dtype) if s is not None else None for s in sources]
     served = [PrefixBatches(loader, o) if loader is not None else None
               for loader, o in zip(loaders, outs)]
@@ -1085,14 +1093,6 @@ def cache_frozen_prefix(config, model, loaders, options, device, dtype, world):
           f"{time.perf_counter() - t:.1f} s; training runs the rest on them", flush=True)
     by_split = {"train": PrefixBatches(sources[0], outs[0]), "val": served[1], "test": served[2]}
     return rest, served, FrozenPrefix(body=nn.Sequential(*rest[:-1]), batches=by_split)
-
-
-@dataclass
-class FrozenPrefix:
-    """What cache_frozen_prefix computed: the head's input from the cached outputs (body: the
-    network after the prefix, up to the head), and each split's outputs in evaluation order."""
-    body: nn.Module
-    batches: dict  # split name -> PrefixBatches (None for an empty split)
 
 
 # --------------------------------------------------------------------------------------------
