@@ -126,3 +126,17 @@ def test_prefix_batches_serve_the_loaders_order_and_labels(tiny_split, tmp_path)
     assert len(served) == len(loader) and sum(len(g) for g in got) == loader.num_samples
     with pytest.raises(ValueError, match="3 cached outputs for 60 samples"):
         common.PrefixBatches(loader, outputs[:3])
+
+
+def test_a_resumed_run_recomputes_the_prefix_and_ends_bit_identical(tiny_split, weights_file, tmp_path, capsys):
+    full = common.fit(lite0_config(tiny_split, tmp_path, weights_file, name="full"))
+    part = lite0_config(tiny_split, tmp_path, weights_file, name="cut")
+    assert common.fit(part, stop_after=1)["stopped_at"] == 1
+    capsys.readouterr()
+    resumed = common.fit(dict(part, resume="auto"))
+    printed = capsys.readouterr().out
+    assert "frozen features.0 to features.3: outputs of 96 images" in printed
+    assert "linear probe" not in printed  # the checkpoint's head goes on training
+    assert resumed["test_top1"] == full["test_top1"] and resumed["best_epoch"] == full["best_epoch"]
+    a, b = run_weights(tmp_path, "full"), run_weights(tmp_path, "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
