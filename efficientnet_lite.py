@@ -56,8 +56,7 @@ def conv_bn(cin, cout, kernel, stride=1, groups=1, act=True):
     """Conv (no bias) + BatchNorm (+ ReLU6). eps=1e-3 is TF's epsilon (the weights need it).
     momentum=0.1, as torchvision's B0-B4, not TF's decay 0.99 (momentum 0.01): it only sets how
     fast running statistics follow the batches when a stage is fine-tuned, and at 0.01 they lag
-    the changing weights for a whole short CPU run (measured: val top-1 90% vs the head-only 94%
-    after 3 epochs of last:3)."""
+    the changing weights for a whole short CPU run (docs/RESULTS.md#lite0)."""
     if stride > 1:
         conv = Conv2dSame(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
     else:

@@ -1,4 +1,4 @@
-"""Experiments built on common.fit(): the hyper-parameter grid (ranked on validation,
+"""Experiments built on a fit function (common.fit, passed in): the hyper-parameter grid (ranked on validation,
 resumable, with optional successive halving) and the comparison of a pretrained network
 against the same network trained from random weights.
 
@@ -32,7 +32,6 @@ Rules:
   halving.json, so a rerun replays the same decisions instead of training again.
 """
 import csv
-import gc
 import io
 import itertools
 import json
@@ -43,20 +42,18 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
-
-from common import (atomic_write, check_config, default_run_name, fail, fit, hparams_summaries, parse_unfreeze,
-                    run_dir_of, scan_split, scratch_rules, write_json)
+import devices
+from data import scan_split
+from errors import fail
+from nets import parse_unfreeze
+from options import check_config, default_run_name, describe_differences, differing_options, run_dir_of, scratch_rules
+from records import atomic_write, load_json, write_hparams, write_json
 
 # Options a grid may vary (option names with underscores).
 GRID_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "unfreeze", "img_size", "crop_mode", "backbone_lr_ratio",
              "bn_stats", "probe_epochs", "label_smoothing", "augment", "weights", "val_fraction", "seed")
 INT_KEYS = ("batch_size", "epochs", "img_size", "probe_epochs", "seed")
 FLOAT_KEYS = ("lr", "weight_decay", "backbone_lr_ratio", "label_smoothing", "val_fraction")
-# Options that decide a run's result: a folder is reused only when all of them match.
-RESULT_KEYS = ("arch", "data", "weights", "unfreeze", "batch_size", "epochs", "lr", "backbone_lr_ratio", "bn_stats",
-               "probe_epochs", "weight_decay", "img_size", "crop_mode", "val_fraction", "seed", "limit_per_class",
-               "augment", "label_smoothing")
 # The original table's columns (model .. Top@1), then ours. Top@1 is test top-1.
 RESULT_COLUMNS = ("model", "batch_size", "epochs", "lr", "weight_decay", "strategy", "Top@1", "val_top1", "test_top5",
                   "mean_class_acc", "minutes", "weights", "status", "run", "error")
@@ -118,9 +115,7 @@ def grid_trials(base, axes, explicit=()):
     trials = []
     for combo in itertools.product(*axes.values()):
         c = dict(base, **dict(zip(axes, combo)))
-        scratch_rules(c)  # as a single run: one lr, batch statistics, no probe
-        if c["weights"] == "none" and "unfreeze" not in axes and "unfreeze" not in explicit:
-            c["unfreeze"] = "all"
+        scratch_rules(c, unfreeze_given="unfreeze" in axes or "unfreeze" in explicit)  # as a single run
         check_config(c)
         parse_unfreeze(c["unfreeze"], c["arch"])
         if not c["val_fraction"] > 0:
@@ -146,18 +141,6 @@ def place(c, out, script, group, name):
     return dict(c, **SINGLE_RUN_ONLY, out=out, script=f"{script}/{group}", name=name)
 
 
-def differing_options(saved, c):
-    """RESULT_KEYS whose values differ between a saved config.json and c (paths compared resolved)."""
-    def norm(k, v):
-        if k == "data" or (k == "weights" and v not in ("imagenet", "none", None)):
-            return str(Path(v).resolve())
-        if k == "crop_mode" and v is None:
-            return "center"  # configs written before --crop-mode
-        return v
-
-    return [k for k in RESULT_KEYS if norm(k, saved.get(k)) != norm(k, c.get(k))]
-
-
 def check_run_folder(c):
     """Stop before a finished or half-done run of other options is reused or resumed."""
     run_dir = run_dir_of(c)
@@ -166,8 +149,7 @@ def check_run_folder(c):
         return
     diff = differing_options(saved, c)
     if diff:
-        k = diff[0]
-        fail(f"{run_dir} holds a run with other options ({k}={saved.get(k)} there, {c.get(k)} now); "
+        fail(f"{run_dir} holds a run with other options ({describe_differences(diff)}); "
              f"pass --name NEW for a new folder, or remove {run_dir.parent}")
 
 
@@ -182,8 +164,8 @@ def error_text(e):
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def run_trial(t, stop_after=None):
-    """fit() that records a failure (an exception, out of memory) instead of ending the grid -> its row."""
+def run_trial(fit, t, stop_after=None):
+    """fit(t) that records a failure (an exception, out of memory) instead of ending the grid -> its row."""
     run_dir = run_dir_of(t)
     try:
         m, msg = fit(t, stop_after=stop_after), None
@@ -193,10 +175,7 @@ def run_trial(t, stop_after=None):
             traceback.print_exc()
     if msg is not None:
         print(f"trial {t['name']} failed: {msg}", file=sys.stderr, flush=True)
-        gc.collect()  # outside the except block, so the failed trial's tensors can go (an OOM must not
-        # starve the next trial)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        devices.free_cached_memory()  # outside the except block, so the failed trial's tensors can go
         if is_writer():
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "error.json", {"error": msg, "stop_after": stop_after})
@@ -248,7 +227,7 @@ def rank_rows(rows):
 # --------------------------------------------------------------------------------------------
 # Successive halving.
 # --------------------------------------------------------------------------------------------
-def successive_halving(trials, first, rows, root):
+def successive_halving(fit, trials, first, rows, root):
     """Race the trials on validation at rungs first, 2*first, ... epochs (rules: module docstring).
 
     rows (trial name -> row) is updated in place. -> (survivors still to finish, names trained here).
@@ -270,7 +249,7 @@ def successive_halving(trials, first, rows, root):
                 at[name] = rows[name]["val_top1"]
             else:
                 print(f"halving: {name} to epoch {min(rung, t['epochs'])}", flush=True)
-                rows[name] = run_trial(t, stop_after=rung)
+                rows[name] = run_trial(fit, t, stop_after=rung)
                 trained.append(name)
                 if rows[name]["status"] == "failed":
                     continue
@@ -297,9 +276,7 @@ def write_cut_hparams(t, val_top1):
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run_dir_of(t)))
-    for s in hparams_summaries(t, {"hparam/best_val_top1": val_top1}):
-        writer.file_writer.add_summary(s)
-    writer.add_scalar("hparam/best_val_top1", val_top1, 0)
+    write_hparams(writer, t, {"hparam/best_val_top1": val_top1})
     writer.close()
 
 
@@ -326,13 +303,6 @@ def halving_epochs(epochs_per_trial, first, longest_survive=True):
 # --------------------------------------------------------------------------------------------
 # Results tables.
 # --------------------------------------------------------------------------------------------
-def load_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def fmt(v):
     if v is None or v == "":
         return "-"
@@ -372,7 +342,7 @@ def write_results(root, rows):
 # --------------------------------------------------------------------------------------------
 # Entry points.
 # --------------------------------------------------------------------------------------------
-def run_grid(config, grid, explicit=(), from_spec=False):
+def run_grid(fit, config, grid, explicit=(), from_spec=False):
     """Every trial in OUT/<script>/<group>/<trial>/, ranked on validation, resumable.
 
     -> (ranked rows, {trial name: trial config}).
@@ -397,12 +367,12 @@ def run_grid(config, grid, explicit=(), from_spec=False):
     todo = [t for t in trials if rows[t["name"]]["status"] != "done"]
     trained = []
     if config["halving"] and todo:
-        todo, trained = successive_halving(trials, config["halving"], rows, root)
+        todo, trained = successive_halving(fit, trials, config["halving"], rows, root)
     for t in todo:
         if rows[t["name"]]["status"] == "done":
             continue
         print(f"{group}: trial {t['name']} ({names.index(t['name']) + 1}/{len(trials)})", flush=True)
-        rows[t["name"]] = run_trial(t)
+        rows[t["name"]] = run_trial(fit, t)
         trained.append(t["name"])
         write_results(root, rows.values())
     ranked = write_results(root, rows.values())
@@ -436,7 +406,7 @@ def grid_winner(root):
     return None
 
 
-def run_compare(config, explicit=(), winner=None):
+def run_compare(fit, config, explicit=(), winner=None):
     """The pretrained network against random initialisation: same data, epochs, image size,
     batch, lr and weight decay; the random one trains every layer at one lr.
 
@@ -457,7 +427,7 @@ def run_compare(config, explicit=(), winner=None):
         fail("--compare trains the pretrained network against random init: give --weights imagenet or PATH, not none")
     group = f"{grid_root.name}-compare" if winner is not None else (config["name"] or "compare")
     root = Path(config["out"]) / config["script"] / group
-    scratch = scratch_rules(dict(pre, weights="none", unfreeze="all"))
+    scratch = scratch_rules(dict(pre, weights="none"))
     runs = [("pretrained", pre), ("random init", scratch)]
     runs = [(label, place(c, config["out"], config["script"], group, label.replace(" ", "_"))) for label, c in runs]
     reuse = winner is not None and not differing_options(winner, pre) and first_row(winner)["status"] == "done"
@@ -474,7 +444,7 @@ def run_compare(config, explicit=(), winner=None):
             print(f"compare: pretrained = grid trial {run_dir_of(c)} (finished, reused)", flush=True)
         elif row["status"] != "done":
             print(f"compare: training {label} in {run_dir_of(c)}", flush=True)
-            row = run_trial(c)
+            row = run_trial(fit, c)
         rows.append(dict(row, init=label))
     a, b = rows[0]["Top@1"], rows[1]["Top@1"]
     diff = None if a is None or b is None else a - b
@@ -490,8 +460,9 @@ def run_compare(config, explicit=(), winner=None):
     return rows, diff
 
 
-def run(config, grid, explicit=()):
-    """--grid / --grid-spec / --compare, as common.main() received them (explicit: option dests given)."""
+def run(config, grid, explicit, fit):
+    """--grid / --grid-spec / --compare, as common.main() received them (explicit: option dests given;
+    fit(config, stop_after=None) trains one run and returns its metrics)."""
     explicit = set(explicit)
     if config["halving"] < 0:
         fail(f"--halving must be >= 0 (got {config['halving']})")
@@ -502,15 +473,15 @@ def run(config, grid, explicit=()):
         fail("--resume PATH continues one run; a grid or a comparison resumes its own runs: rerun the same command")
     scan_split(config["data"])  # a missing or empty data folder stops here, before anything is written
     if not is_grid:
-        return run_compare(config, explicit)[0]
+        return run_compare(fit, config, explicit)[0]
     axes = parse_grid_spec(config["grid_spec"]) if config["grid_spec"] else grid
     if not axes:
         fail("this script has no GRID; give one with --grid-spec")
-    ranked, trials = run_grid(config, axes, explicit, from_spec=bool(config["grid_spec"]))
+    ranked, trials = run_grid(fit, config, axes, explicit, from_spec=bool(config["grid_spec"]))
     winner = next((r for r in ranked if r["status"] == "done"), None)
     if winner is None:
         fail(f"no grid trial finished; see {Path(config['out']) / config['script'] / (config['name'] or 'grid')}"
              f"/results.csv")
     if config["compare"]:
-        run_compare(config, explicit, winner=trials[winner["trial"]])
+        run_compare(fit, config, explicit, winner=trials[winner["trial"]])
     return ranked

@@ -1,8 +1,10 @@
 """Fine-tune an ImageNet EfficientNet-B4 on Caltech-101 (the last 6 of its 9 feature blocks +
 a new head) at the weights' own 380 px.
 
-    python main_Efficient_B4.py               # the original table's row: 97.57
+    python main_Efficient_B4.py               # the original table's row
     python main_Efficient_B4.py --compare     # pretrained vs random init (every layer trained)
+
+The original's figure and ours: docs/RESULTS.md#b4.
 """
 import common
 

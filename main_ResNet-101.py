@@ -2,7 +2,9 @@
 
 The original table's strategy "layer3" is read as layer3 onward: --unfreeze last:2.
 
-    python main_ResNet-101.py                 # the original table's row: 94.18
+    python main_ResNet-101.py                 # the original table's row
+
+The original's figure and ours: docs/RESULTS.md#resnet101.
 """
 import common
 

@@ -1,9 +1,11 @@
 """Fine-tune an ImageNet ResNet-18 on Caltech-101 (layer4 + a new head), or train it from
 random weights with --weights none: the study's baseline.
 
-    python main_ResNet-18.py                  # pretrained, the original table's row: 91.81
-    python main_ResNet-18.py --weights none   # random init, every layer, 50 epochs: 69.44
+    python main_ResNet-18.py                  # pretrained: the original table's row
+    python main_ResNet-18.py --weights none   # random init, every layer, 50 epochs
     python main_ResNet-18.py --grid           # the grid below, ranked on validation
+
+The original's figures and ours: docs/RESULTS.md#resnet18.
 """
 import common
 

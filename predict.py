@@ -2,6 +2,7 @@
 
     python predict.py runs/main_ResNet-18/<run>/best.pth photo.jpg more_photos/
     python predict.py best.pth photo.jpg --json       # machine-readable
+    python predict.py best.pth photos/ --explain      # and a Grad-CAM heat map per image in gradcam/
 
 The checkpoint carries everything needed: the architecture, the class names (index order)
 and the evaluation preprocessing it was trained with (resize and centre crop, or squash;
@@ -11,17 +12,20 @@ was predicted.
 """
 import argparse
 import json
-import pickle
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-import common
+import devices
+import nets
 import pipeline
+import records
+from data import is_image_name
 
 CHECKPOINT_KEYS = ("model", "classes", "arch", "preprocess")
 PREPROCESS_KEYS = ("crop", "resize", "mean", "std", "interpolation")
@@ -37,30 +41,16 @@ class PredictError(ValueError):
 def load_model(path):
     """best.pth / last.pth -> (model in eval mode on the CPU, class names, preprocess dict)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PredictError(f"checkpoint {path}: no such file") from None
-    except IsADirectoryError:
-        raise PredictError(f"checkpoint {path}: is a folder, expected a .pth file (e.g. <run>/best.pth)") from None
-    except pickle.UnpicklingError:  # not a torch file, or objects weights_only refuses to unpickle
-        raise PredictError(f"checkpoint {path}: not a PyTorch checkpoint of tensors and plain values "
-                           f"(weights-only load refused it)") from None
-    except Exception as e:  # truncated zip, wrong magic number ...
-        first = (str(e).splitlines() or [""])[0]
-        raise PredictError(f"checkpoint {path}: not loadable ({type(e).__name__}: {first})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise PredictError(f"checkpoint {path}: not a checkpoint of this project (missing {', '.join(missing)}); "
-                           f"use the best.pth or last.pth of a run")
+        ckpt = records.load_checkpoint(path, CHECKPOINT_KEYS)
+    except records.CheckpointError as e:
+        raise PredictError(f"checkpoint {e}") from None
     arch, classes = ckpt["arch"], list(ckpt["classes"])
-    if arch not in common.ARCHS:
-        raise PredictError(f"checkpoint {path}: unknown architecture {arch!r}; valid: {', '.join(common.ARCHS)}")
+    if arch not in nets.ARCHS:
+        raise PredictError(f"checkpoint {path}: unknown architecture {arch!r}; valid: {', '.join(nets.ARCHS)}")
     preprocess = check_preprocess(ckpt["preprocess"], path)
-    model = common.build_model(arch, len(classes), "none")
-    # a state dict saved from a DDP or torch.compile wrapper carries a prefix on every key
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    model = nets.build_model(arch, len(classes), "none")
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(records.plain_state_dict(ckpt["model"]))
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise PredictError(f"checkpoint {path}: its weights do not fit {arch} with {len(classes)} classes "
@@ -116,7 +106,7 @@ def find_images(inputs):
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in common.IMG_EXTENSIONS)
+            paths += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_name(f.name))
         elif p.is_file():
             paths.append(str(p))
         else:
@@ -134,14 +124,56 @@ def topk(model, batch, k):
     return probs.topk(min(k, probs.shape[1]), dim=1)
 
 
-def predict_paths(model, classes, preprocess, paths, *, device, batch_size=32, k=5, on_skip=None):
+def grad_cam(model, arch, batch, target):
+    """Grad-CAM (Selvaraju et al., 2017) on the last backbone stage: where the network looked for
+    class target[i] in image i. -> [n, H, W] maps in [0, 1] at the input's size."""
+    layer = model.get_submodule(nets.ARCHS[arch].stages[-1][-1])
+    seen = {}
+    hook = layer.register_forward_hook(lambda m, i, o: seen.setdefault("a", o))
+    try:
+        with torch.enable_grad():
+            logits = model(batch)
+            a = seen["a"]
+            (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
+    finally:
+        hook.remove()
+    cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))  # channels weighted by mean gradient
+    cam = F.interpolate(cam, size=batch.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return (cam / cam.amax((1, 2), keepdim=True).clamp(min=1e-12)).detach()
+
+
+def save_overlay(path, image, cam, preprocess):
+    """The image as the network saw it (de-normalised), with the heat map blended over it, as PNG."""
+    from matplotlib import colormaps  # only with --explain
+
+    mean, std = torch.tensor(preprocess["mean"])[:, None, None], torch.tensor(preprocess["std"])[:, None, None]
+    rgb = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    heat = colormaps["jet"](cam.cpu().numpy())[..., :3]
+    Image.fromarray((255 * (0.55 * rgb + 0.45 * heat)).round().astype("uint8")).save(path)
+
+
+def explain_path(out_dir, image_path, taken):
+    """out_dir/<image stem>.png, with -2, -3 ... when two images share a stem."""
+    stem = Path(image_path).stem
+    name, n = f"{stem}.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}.png"
+    taken.add(name)
+    return Path(out_dir) / name
+
+
+def predict_paths(model, classes, preprocess, paths, *, device, batch_size=32, k=5, on_skip=None, explain=None):
     """Yield {"image": path, "top5": [{"class": name, "prob": p}, ...]} per readable image, in order.
 
     Images are decoded one batch at a time, so memory stays bounded on a large folder.
     on_skip(path, reason) is called for each unreadable file (default: ignore it).
+    explain: (arch, folder): also a Grad-CAM map of the top class per image, saved there as PNG
+    (its path under the result's "gradcam").
     """
     transform = build_transform(preprocess)
     model.eval()
+    taken = set()
     for start in range(0, len(paths), batch_size):
         tensors, kept = [], []
         for path in paths[start:start + batch_size]:
@@ -153,9 +185,16 @@ def predict_paths(model, classes, preprocess, paths, *, device, batch_size=32, k
                     on_skip(path, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
         if not tensors:
             continue
-        probs, idx = topk(model, torch.stack(tensors).to(device), k)
-        for path, p_row, i_row in zip(kept, probs.tolist(), idx.tolist()):
-            yield {"image": path, "top5": [{"class": classes[i], "prob": p} for p, i in zip(p_row, i_row)]}
+        batch = torch.stack(tensors).to(device)
+        probs, idx = topk(model, batch, k)
+        cams = grad_cam(model, explain[0], batch, idx[:, 0]) if explain else None
+        for n, (path, p_row, i_row) in enumerate(zip(kept, probs.tolist(), idx.tolist())):
+            result = {"image": path, "top5": [{"class": classes[i], "prob": p} for p, i in zip(p_row, i_row)]}
+            if explain:
+                out = explain_path(explain[1], path, taken)
+                save_overlay(out, batch[n], cams[n], preprocess)
+                result["gradcam"] = str(out)
+            yield result
 
 
 def format_plain(result):
@@ -175,6 +214,9 @@ def get_args_parser():
                    help='print a JSON list: [{"image": path, "top5": [{"class": name, "prob": p}, ...]}, ...]')
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--explain", action="store_true",
+                   help="also save a Grad-CAM heat map of the top class over each image, as PNG in --out")
+    p.add_argument("--out", default="gradcam", help="folder for --explain's heat maps (default: gradcam)")
     p.add_argument("--top", type=int, default=5,
                    help="classes shown per image (default: 5; capped at the number of classes; "
                         "the JSON key stays 'top5')")
@@ -187,12 +229,16 @@ def main(argv=None):
         raise SystemExit(f"error: --batch-size must be at least 1 (got {args.batch_size})")
     if args.top < 1:
         raise SystemExit(f"error: --top must be at least 1 (got {args.top})")
-    device = common.pick_device(args.device)
+    device = devices.pick_device(args.device)
     try:
         model, classes, preprocess = load_model(args.checkpoint)
     except PredictError as e:
         raise SystemExit(f"error: {e}")
     model.to(device)
+    explain = None
+    if args.explain:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        explain = (records.load_checkpoint(args.checkpoint)["arch"], args.out)
     paths, problems = find_images(args.images)
     skipped = []
 
@@ -204,7 +250,7 @@ def main(argv=None):
         skip(path, reason)
     results = []
     for r in predict_paths(model, classes, preprocess, paths, device=device, batch_size=args.batch_size,
-                           k=args.top, on_skip=skip):
+                           k=args.top, on_skip=skip, explain=explain):
         results.append(r)
         if not args.json:  # plain blocks stream out as each batch finishes
             print(("\n" if len(results) > 1 else "") + format_plain(r), flush=True)

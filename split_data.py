@@ -4,22 +4,19 @@
     python split_data.py --download            # fetch dataset/caltech-101.zip first (official CaltechDATA zip)
     python split_data.py --source 101_ObjectCategories.tar.gz --out /tmp/images
 
-What it fixes in the original script: it never moves or changes the source (files are
-hard-linked when source and output share a file system, copied otherwise), the split does
-not depend on the file system's listing order (sorted listings; each class is shuffled by
-its own generator seeded from (seed, class name) through SHA-256), BACKGROUND_Google is
-left out (it is not an object class; torchvision's Caltech101 leaves it out too), every
-file is decoded before it is used, and a second run is a no-op instead of a crash.
+What it fixes in the original script: the source is never moved or changed (files are
+hard-linked when source and output share a file system, copied otherwise); the split does
+not depend on listing order (sorted listings, each class shuffled by its own generator,
+data.class_seed); BACKGROUND_Google is left out (not an object class; torchvision leaves it
+out too); every file is decoded before it is used; a second run is a no-op, not a crash.
 
-The split is built in a hidden temporary folder inside --out and swapped in by renames at
-the end, with split.json going in last: a killed run leaves either the old split or the
-new one, never half of one. split.json records the arguments, the class list in index
-order, both file lists, the counts and a fingerprint, so training can check that the
-folders on disk are the split it thinks they are (see `disk_diff`).
+The split is built in a hidden temporary folder inside --out and swapped in by renames,
+split.json last: a killed run leaves the old split or the new one, never half of one.
+split.json records the arguments, the class list in index order, both file lists, the
+counts and a fingerprint, so the folders on disk can be checked against it (`disk_diff`).
 
-Measured (2 shared CPU cores, Python 3.11, Pillow 13): the whole real archive (131 MB
-tar.gz, 9,144 files) splits in 7.7-8.2 s wall when the machine is quiet and 9-17 s while
-other jobs load both cores; 5.5 s of it is CPU (extract ~2 s, decode check ~3.4 s on one core).
+Measured (2 shared CPU cores, Python 3.11, Pillow 13): the real archive (131 MB tar.gz, 9,144
+files) splits in 7.7-8.2 s wall on a quiet machine; 5.5 s CPU (extract ~2 s, decode check ~3.4 s).
 """
 import argparse
 import concurrent.futures
@@ -46,6 +43,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import records
+from data import class_seed, is_image_name
+
 # The official CaltechDATA record for Caltech-101 (https://data.caltech.edu/records/mzrjq-6wc02);
 # the same address and MD5 as torchvision.datasets.Caltech101.
 OFFICIAL_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
@@ -62,8 +62,6 @@ BACKGROUND = "BACKGROUND_Google"
 SPLIT_FILE = "split.json"
 SPLIT_FORMAT = "split_data/1"
 TMP_PREFIX = ".split_data-"  # hidden temp folders; leftovers of a killed run are removed by the next build
-# torchvision.datasets.folder.IMG_EXTENSIONS: a loader built on ImageFolder sees exactly these files.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 POOL_MIN_FILES = 64  # below this, starting worker processes costs more than it saves
 
@@ -85,33 +83,6 @@ def _progress(iterable=None, **kwargs):
     return tqdm(iterable, disable=None, dynamic_ncols=True, **kwargs)
 
 
-def _fsync_dir(path):
-    if os.name == "nt":  # folders cannot be opened for fsync there
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path, obj):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:  # plain open: the usual umask permissions
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _is_hidden(name):
     return name.startswith(".") or name == "__MACOSX"
 
@@ -122,16 +93,16 @@ def _is_archive_name(name):
 
 # ----------------------------------------------------------------------------- archives
 
-def _member_target(dest_real, name, archive):
-    """Where member `name` lands inside dest_real; refuse anything that could leave it."""
-    if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        raise UnsafeArchiveError(f"{archive}: refusing member {name!r}: absolute path")
+def _member_target(dest_real, name, archive, link=False, special=False):
+    """Where member `name` lands inside dest_real; refuse a link, a device, or anything that could leave it."""
     parts = name.replace("\\", "/").split("/")
-    if ".." in parts:
-        raise UnsafeArchiveError(f"{archive}: refusing member {name!r}: '..' component")
     target = os.path.realpath(os.path.join(dest_real, *[p for p in parts if p not in ("", ".")]))
-    if target != dest_real and not target.startswith(dest_real + os.sep):
-        raise UnsafeArchiveError(f"{archive}: refusing member {name!r}: it leaves the destination")
+    why = ("absolute path" if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name)
+           else "'..' component" if ".." in parts
+           else "it leaves the destination" if target != dest_real and not target.startswith(dest_real + os.sep)
+           else "a link" if link else "a device or special file" if special else None)
+    if why:
+        raise UnsafeArchiveError(f"{archive}: refusing member {name!r}: {why}")
     return target
 
 
@@ -139,11 +110,8 @@ def _extract_tar(archive, dest_real):
     with tarfile.open(archive) as tf:
         members = tf.getmembers()  # read all headers first: a bad member anywhere stops us before any write
         for m in members:
-            _member_target(dest_real, m.name, archive)
-            if m.issym() or m.islnk():
-                raise UnsafeArchiveError(f"{archive}: refusing member {m.name!r}: a link")
-            if not (m.isfile() or m.isdir()):
-                raise UnsafeArchiveError(f"{archive}: refusing member {m.name!r}: a device or special file")
+            _member_target(dest_real, m.name, archive, link=m.issym() or m.islnk(),
+                           special=not (m.isfile() or m.isdir() or m.issym() or m.islnk()))
         # filter="data" (Python >= 3.11.4) is a second guard behind the checks above.
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         for m in _progress(members, desc="extract", unit="file"):
@@ -153,20 +121,14 @@ def _extract_tar(archive, dest_real):
 def _extract_zip(archive, dest_real):
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
-        targets = []
-        for info in infos:
-            target = _member_target(dest_real, info.filename, archive)
-            kind = stat.S_IFMT(info.external_attr >> 16)  # Unix mode, 0 when made elsewhere
-            if kind == stat.S_IFLNK:
-                raise UnsafeArchiveError(f"{archive}: refusing member {info.filename!r}: a link")
-            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise UnsafeArchiveError(f"{archive}: refusing member {info.filename!r}: a device or special file")
-            targets.append(target)
+        kinds = [stat.S_IFMT(i.external_attr >> 16) for i in infos]  # Unix mode, 0 when made elsewhere
+        targets = [_member_target(dest_real, i.filename, archive, link=k == stat.S_IFLNK,
+                                  special=k not in (0, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK))
+                   for i, k in zip(infos, kinds)]
         for info, target in _progress(list(zip(infos, targets)), desc="extract", unit="file"):
+            os.makedirs(target if info.is_dir() else os.path.dirname(target), exist_ok=True)
             if info.is_dir():
-                os.makedirs(target, exist_ok=True)
                 continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
             with zf.open(info) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             mtime = time.mktime(info.date_time + (0, 0, -1))
@@ -174,11 +136,9 @@ def _extract_zip(archive, dest_real):
 
 
 def safe_extract(archive, dest):
-    """Extract a .zip or tar archive (.tar, .tar.gz, .tgz, ...) into dest; return dest.
-
-    Every member is checked before anything is written: an absolute path, a '..'
-    component, a symlink or hard link, or a device raises UnsafeArchiveError.
-    """
+    """Extract a .zip or tar archive (.tar, .tar.gz, .tgz, ...) into dest; return dest. Every member is
+    checked before anything is written: an absolute path, a '..' component, a symlink or hard link, or a
+    device raises UnsafeArchiveError."""
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     dest_real = os.path.realpath(dest)
@@ -196,24 +156,16 @@ def safe_extract(archive, dest):
 
 
 def _find_nested_archive(folder):
-    """The archive inside an extracted archive that holds the images, or None.
-
-    The official caltech-101.zip holds caltech-101/101_ObjectCategories.tar.gz beside
-    Annotations.tar; any other lone archive in a tree without images counts too.
-    """
+    """The archive inside an extracted archive that holds the images, or None: the official zip holds
+    caltech-101/101_ObjectCategories.tar.gz beside Annotations.tar; a lone archive without images counts too."""
     archives, has_images = [], False
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for f in sorted(filenames):
-            if _is_hidden(f):
-                continue
-            if _is_archive_name(f):
-                archives.append(Path(dirpath) / f)
-            has_images = has_images or f.lower().endswith(IMAGE_EXTENSIONS)
+        files = [f for f in sorted(filenames) if not _is_hidden(f)]
+        archives += [Path(dirpath) / f for f in files if _is_archive_name(f)]
+        has_images = has_images or any(is_image_name(f) for f in files)
     named = [a for a in archives if a.name.startswith("101_ObjectCategories")]
-    if named:
-        return named[0]
-    return archives[0] if len(archives) == 1 and not has_images else None
+    return named[0] if named else archives[0] if len(archives) == 1 and not has_images else None
 
 
 def extract_source(archive, dest):
@@ -246,13 +198,11 @@ def find_class_root(folder):
 
 
 def list_class_images(root, keep_background):
-    """Candidate images per class under root.
+    """Candidate images per class under root -> (images, skipped, excluded).
 
-    Returns (images, skipped, excluded): images maps class -> sorted relative paths
-    ('accordion/image_0001.jpg'); skipped lists {'path', 'reason'} for files that are not
-    candidates (wrong extension, hidden, outside a class folder, sub-folders); excluded
-    lists class folders left out (BACKGROUND_Google unless keep_background).
-    """
+    images maps class -> sorted relative paths ('accordion/image_0001.jpg'); skipped lists {'path',
+    'reason'} for non-candidates (wrong extension, hidden, outside a class folder, sub-folders);
+    excluded lists class folders left out (BACKGROUND_Google unless keep_background)."""
     images, skipped, excluded = {}, [], []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_dir():
@@ -271,7 +221,7 @@ def list_class_images(root, keep_background):
                 skipped.append({"path": rel + "/", "reason": "sub-folder inside a class folder (not searched)"})
             elif _is_hidden(f.name):
                 skipped.append({"path": rel, "reason": "hidden file"})
-            elif not f.name.lower().endswith(IMAGE_EXTENSIONS):
+            elif not is_image_name(f.name):
                 skipped.append({"path": rel, "reason": "not an image file extension"})
             else:
                 files.append(rel)
@@ -297,11 +247,8 @@ def check_image(path):
 
 
 def check_images(paths, workers):
-    """Decode every path; return a list of reasons (None = good image) in input order.
-
-    Uses a process pool of `workers` for more than a handful of files: decoding the 9,144
-    Caltech JPEGs takes about 3.4 s on one core.
-    """
+    """Decode every path; return the reasons (None = good image) in input order. A pool of `workers`
+    processes beyond a handful of files: the 9,144 Caltech JPEGs take about 3.4 s on one core."""
     paths = [str(p) for p in paths]
     bar = dict(total=len(paths), desc="check", unit="img")
     if workers <= 1 or len(paths) < POOL_MIN_FILES:
@@ -312,35 +259,22 @@ def check_images(paths, workers):
 
 # ----------------------------------------------------------------------------- splitting
 
-def class_seed(seed, class_name):
-    """A 64-bit seed from (seed, class name) via SHA-256: stable across runs and machines,
-    unlike Python's salted hash()."""
-    digest = hashlib.sha256(f"{seed}/{class_name}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
-
-
 def split_class(files, ratio, seed, class_name):
     """Shuffle one class with its own generator; floor(ratio * n) files to train, the rest to test.
 
-    Returns (train, test), each sorted. A class too small for both sides (floor(ratio*n) == 0)
-    keeps all its files in train and gets an empty test list; the caller warns.
-    CPython's Mersenne Twister seeding from an int and random.shuffle are the same on every
-    platform, so the split is too.
+    Returns (train, test), each sorted; a class too small for both sides (floor(ratio * n) == 0)
+    keeps all in train, and the caller warns. CPython's int-seeded Mersenne Twister and
+    random.shuffle are the same on every platform, so the split is too.
     """
     order = sorted(files)  # listing order must not matter
     random.Random(class_seed(seed, class_name)).shuffle(order)
-    k = int(Fraction(str(ratio)) * len(order))  # exact floor: float 0.29 * 100 would give 28
-    if k == 0:
-        return sorted(order), []
+    k = int(Fraction(str(ratio)) * len(order)) or len(order)  # exact floor: float 0.29 * 100 would give 28
     return sorted(order[:k]), sorted(order[k:])
 
 
 def plan_split(images, train_ratio, seed):
-    """Split every class of `images` (class -> relative paths).
-
-    Returns {'classes', 'train', 'test', 'per_class', 'empty_classes', 'warnings'}: classes
-    sorted (that order is the class index), file lists sorted by class then name.
-    """
+    """Split every class of `images` (class -> relative paths) -> {'classes', 'train', 'test', 'per_class',
+    'empty_classes', 'warnings'}: classes sorted (the class index), file lists by class then name."""
     classes = sorted(c for c, files in images.items() if files)
     empty = sorted(c for c, files in images.items() if not files)
     plan = {"classes": classes, "train": [], "test": [], "per_class": {},
@@ -365,20 +299,12 @@ def split_fingerprint(classes, train, test):
 
 def build_record(args_record, plan, skipped, excluded):
     """The split.json content."""
-    return {
-        "format": SPLIT_FORMAT,
-        "args": args_record,
-        "classes": plan["classes"],
-        "counts": {"classes": len(plan["classes"]), "train": len(plan["train"]), "test": len(plan["test"]),
-                   "skipped": len(skipped), "per_class": plan["per_class"]},
-        "fingerprint": split_fingerprint(plan["classes"], plan["train"], plan["test"]),
-        "excluded_classes": excluded,
-        "empty_classes": plan["empty_classes"],
-        "warnings": plan["warnings"],
-        "skipped": skipped,
-        "train": plan["train"],
-        "test": plan["test"],
-    }
+    return {"format": SPLIT_FORMAT, "args": args_record, "classes": plan["classes"],
+            "counts": {"classes": len(plan["classes"]), "train": len(plan["train"]), "test": len(plan["test"]),
+                       "skipped": len(skipped), "per_class": plan["per_class"]},
+            "fingerprint": split_fingerprint(plan["classes"], plan["train"], plan["test"]),
+            "excluded_classes": excluded, "empty_classes": plan["empty_classes"], "warnings": plan["warnings"],
+            "skipped": skipped, "train": plan["train"], "test": plan["test"]}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -399,11 +325,9 @@ def disk_diff(out, record):
     """(missing, extra): files split.json lists that are not on disk under out/train|test, and the reverse."""
     missing, extra = [], []
     for side in ("train", "test"):
-        on_disk = set()
         base = Path(out) / side
-        for dirpath, _, filenames in os.walk(base):
-            rel_dir = os.path.relpath(dirpath, base).replace(os.sep, "/")
-            on_disk.update(f if rel_dir == "." else f"{rel_dir}/{f}" for f in filenames)
+        on_disk = {os.path.relpath(os.path.join(d, f), base).replace(os.sep, "/")
+                   for d, _, files in os.walk(base) for f in files}
         listed = set(record[side])
         missing += [f"{side}/{f}" for f in sorted(listed - on_disk)]
         extra += [f"{side}/{f}" for f in sorted(on_disk - listed)]
@@ -425,42 +349,33 @@ def _fsync_files(paths):
         list(pool.map(_fsync_file, paths))
 
 
-def _fsync_tree(folder):
-    _fsync_files([Path(d) / f for d, _, files in os.walk(folder) for f in files])
-
-
 def _place(src, dst, link):
     """Hard-link src to dst when `link`, else copy; return True when linked."""
     if link:
-        try:
+        with contextlib.suppress(OSError):  # other file system, no link support, link limit: copy instead
             os.link(src, dst)
             return True
-        except OSError:  # other file system, no link support, link limit: fall back to a copy
-            pass
     shutil.copy2(src, dst)
     return False
 
 
 def _swap_in(build, out, trash):
-    """Replace out/{split.json,train,test} by build's, by renames only.
-
-    split.json leaves first and comes back last, so its presence always means a complete split.
-    """
+    """Replace out/{split.json,train,test} by build's, by renames only: split.json leaves first and
+    comes back last, so its presence always means a complete split."""
     trash.mkdir()
     for name in (SPLIT_FILE, "train", "test"):
         if os.path.lexists(out / name):
             os.rename(out / name, trash / name)
     for name in ("train", "test", SPLIT_FILE):
         os.rename(build / name, out / name)
-    _fsync_dir(out)
+    records.fsync_dir(out)
 
 
 def write_split(root, record, out, work, copy=False):
     """Build train/, test/ and split.json in work/build from the files under root, then swap them into out.
 
-    Files are hard-linked when root and out share a file system (copied otherwise, or
-    always with copy=True); the source is only read. Returns {'linked': n, 'copied': n}.
-    """
+    Files are hard-linked when root and out share a file system (copied otherwise, or always with
+    copy=True); the source is only read. Returns {'linked': n, 'copied': n}."""
     root, out, work = Path(root), Path(out), Path(work)
     build = work / "build"
     link = not copy and os.stat(root).st_dev == os.stat(work).st_dev
@@ -482,7 +397,7 @@ def write_split(root, record, out, work, copy=False):
     for c in record["classes"]:
         if not any((build / "test" / c).iterdir()):
             (build / "test" / c).rmdir()
-    _write_json_atomic(build / SPLIT_FILE, record)
+    records.atomic_write(build / SPLIT_FILE, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
     _swap_in(build, out, work / "old")
     return counts
 
@@ -515,16 +430,12 @@ def file_md5(path):
 
 
 def download(url, dest, md5, timeout=60.0):
-    """Fetch url to dest via dest.part, check its MD5, rename into place; return dest.
-
-    Any failure raises DownloadError with a one-line message saying where to put the
-    file by hand; no file is left behind.
-    """
+    """Fetch url to dest via dest.part, check its MD5, rename into place; return dest. Any failure raises
+    DownloadError with a one-line message saying where to put the file by hand, leaving no file behind."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     by_hand = f"download {url} by hand and save it as {dest}, then rerun"
-    done = False
     try:
         h = hashlib.md5()
         try:
@@ -544,12 +455,11 @@ def download(url, dest, md5, timeout=60.0):
             raise DownloadError(f"{url}: MD5 {h.hexdigest()} does not match the expected {md5}; "
                                 f"the file was not kept; {by_hand}")
         os.replace(part, dest)
-        _fsync_dir(dest.parent)
-        done = True
-    finally:
-        if not done:
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
+    except BaseException:  # no .part file left behind, whatever stopped us
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        raise
+    records.fsync_dir(dest.parent)
     return dest
 
 
@@ -582,9 +492,9 @@ def prepare_default_source(source=DEFAULT_SOURCE, dataset_dir=DATASET_DIR, url=O
     _remove_leftovers(source.parent)
     with _work_dir(source.parent) as work:
         root = extract_source(archives[0], work)
-        _fsync_tree(root)
+        _fsync_files([Path(d) / f for d, _, files in os.walk(root) for f in files])
         os.rename(root, source)  # in place only once complete and on disk
-        _fsync_dir(source.parent)
+        records.fsync_dir(source.parent)
     return source
 
 
@@ -604,8 +514,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--train-ratio", default=0.8, type=float,
                         help="fraction of each class sent to train, floor(ratio * n) images; the rest go to "
                              "test (default: %(default)s)")
-    parser.add_argument("--seed", default=42, type=int,
-                        help="seed of the per-class shuffles (default: %(default)s)")
+    parser.add_argument("--seed", default=42, type=int, help="seed of the per-class shuffles (default: %(default)s)")
     parser.add_argument("--keep-background", action="store_true",
                         help=f"keep {BACKGROUND} as a class (default: left out, it is not an object class)")
     parser.add_argument("--force", action="store_true",
@@ -643,7 +552,8 @@ def _inside(path, folder):
 
 
 def existing_split(out, args_record, force):
-    """'same' when out already holds this split intact, None when a (re)build is due; SystemExit otherwise."""
+    """out's split.json record when out already holds this split intact, None when a (re)build is due;
+    SystemExit otherwise."""
     out = Path(out)
     if force:
         return None
@@ -664,7 +574,7 @@ def existing_split(out, args_record, force):
     if missing or extra:
         raise SystemExit(f"{out}: train/ and test/ no longer match {SPLIT_FILE} ({len(missing)} missing, "
                          f"{len(extra)} extra files, e.g. {(missing + extra)[0]}); pass --force to rebuild it")
-    return "same"
+    return record
 
 
 def _summary(record, out, counts, seconds):
@@ -699,8 +609,8 @@ def main(argv=None):
             raise SystemExit(f"--source {source} is inside {out}/train or {out}/test, which this run replaces")
         args_record = {"source": str(source.resolve()), "train_ratio": args.train_ratio, "seed": args.seed,
                        "keep_background": args.keep_background}
-        if existing_split(out, args_record, args.force) == "same":
-            record = read_split(out)
+        record = existing_split(out, args_record, args.force)
+        if record is not None:
             c = record["counts"]
             print(f"split already there: {out} holds {c['classes']} classes, {c['train']} train + "
                   f"{c['test']} test images made with the same arguments; nothing to do")

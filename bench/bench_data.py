@@ -6,8 +6,9 @@
     python bench/bench_data.py --data DIR --recipe resnet --workers 2 --compare --repeats 3
 
 DIR holds train/<class>/*.jpg. Ours = pipeline.build_loader with the original script's `seed`
-augmentation; --original = torchvision ImageFolder + the original script's transforms +
-DataLoader(shuffle) with the same workers and batch size. Both are timed the same way: the
+augmentation (on CUDA, the decode cache resident on the device unless --resident off);
+--original = the original's input path (bench/original.py: ImageFolder + its transforms +
+DataLoader(shuffle)) with the same workers and batch size. Both are timed the same way: the
 first --warmup batches are not counted, then whole batches are counted for --seconds
 (epochs repeat as needed). Besides wall-clock images/s it reports the CPU time of the whole
 process tree (main + loader workers) per image, which a busy shared machine disturbs less.
@@ -23,15 +24,17 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
+import original  # noqa: E402  (bench/original.py)
 import pipeline  # noqa: E402
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# --recipe -> (pipeline recipe, crop px, resize px) as the original scripts ran them
-RECIPES = {"resnet": ("resnet18", 224, 256), "efficientnet_b4": ("efficientnet_b4", 380, 380)}
+# --recipe -> (augment recipe, crop px) as the original scripts ran them
+RECIPES = {"resnet": ("resnet18", 224), "efficientnet_b4": ("efficientnet_b4", 380)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="decode cache folder (default: none, the cache is built in memory)")
     p.add_argument("--gpu-augment", choices=("auto", "on", "off"), default="auto",
                    help="ours: batched tensor augmentation; auto = on for CUDA (default: auto)")
+    p.add_argument("--resident", choices=("auto", "on", "off"), default="auto",
+                   help="ours: the whole decode cache as one tensor on the device (tensor path "
+                        "only); auto = on for the tensor path on CUDA (default: auto)")
     p.add_argument("--original", action="store_true",
                    help="measure the original PIL pipeline instead of ours")
     p.add_argument("--compare", action="store_true",
@@ -76,22 +82,6 @@ def tree_cpu_seconds(pid: int | None = None) -> float:
     except (FileNotFoundError, ProcessLookupError):   # a process that just ended
         return 0.0
     return total + sum(tree_cpu_seconds(k) for k in kids)
-
-
-def original_transform(recipe: str):
-    """The original scripts' train transforms, verbatim (ORIGINAL.md)."""
-    from torchvision import transforms as T
-    if recipe == "resnet":
-        steps = [T.Resize(256), T.RandomResizedCrop(224, scale=(0.7, 1.0)),
-                 T.RandomHorizontalFlip(), T.RandomRotation(15),
-                 T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
-                 T.RandomGrayscale(p=0.1)]
-    else:
-        steps = [T.Resize(380), T.RandomResizedCrop(380, scale=(0.6, 1.4)),
-                 T.RandomHorizontalFlip(), T.RandomRotation(20), T.ColorJitter(0.2, 0.2, 0.2, 0.1),
-                 T.GaussianBlur(kernel_size=3, sigma=(0.1, 2.0)),
-                 T.RandomPerspective(distortion_scale=0.2, p=0.5)]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def batches_forever(make_epoch_iter):
@@ -129,39 +119,28 @@ def wait_idle(limit_s: float = 60.0) -> None:
         last = now
 
 
-def original_batches(train_dir, transform, batch_size, workers, device):
-    """The original study's input path (ImageFolder + PIL transforms + DataLoader), batches on
-    `device` forever. -> (images in the folder, batch iterator)"""
-    from torchvision.datasets import ImageFolder
-    ds = ImageFolder(train_dir, transform=transform)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=True, drop_last=True,
-        num_workers=workers, persistent_workers=workers > 0,
-        pin_memory=device.type == "cuda")
-
-    def epoch_iter(epoch):
-        for x, y in loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    return len(ds), batches_forever(epoch_iter)
-
-
 def make_original(args, device):
     """Batches of the original pipeline, forever."""
-    return original_batches(os.path.join(args.data, "train"), original_transform(args.recipe), args.batch_size,
-                            args.workers, device)
+    name, crop = RECIPES[args.recipe]
+    return original.batches(os.path.join(args.data, "train"), original.train_transform(name, crop),
+                            args.batch_size, args.workers, device)
 
 
 def make_ours(args, device):
     """Batches of pipeline.build_loader (builds or reuses the cache), forever."""
     from torchvision.datasets import ImageFolder
-    name, crop, resize = RECIPES[args.recipe]
+    name, crop = RECIPES[args.recipe]
     samples = ImageFolder(os.path.join(args.data, "train")).samples   # (path, class index)
-    pre = pipeline.Preprocess(crop=crop, resize=resize, mean=MEAN, std=STD)
+    pre = pipeline.Preprocess(crop=crop, resize=original.resize_of(name, crop), mean=original.MEAN,
+                              std=original.STD)
+    tensor_path = {"auto": device.type == "cuda", "on": True, "off": False}[args.gpu_augment]
+    resident = {"auto": tensor_path and device.type == "cuda", "on": True, "off": False}[args.resident]
+    if resident and not tensor_path:
+        raise SystemExit("--resident on needs the tensor path: --gpu-augment on (or auto on CUDA)")
     loader = pipeline.build_loader(
         samples, train=True, preprocess=pre, augment="seed", recipe=name,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
-        cache_dir=args.cache_dir,
-        gpu_augment={"auto": None, "on": True, "off": False}[args.gpu_augment])
+        cache_dir=args.cache_dir, gpu_augment=tensor_path, resident=resident)
 
     def epoch_iter(epoch):
         loader.set_epoch(epoch)

@@ -10,11 +10,11 @@ common.freeze + parse_unfreeze, common.param_groups (AdamW), common.set_train_mo
 BatchNorm in eval mode), channels_last, common.resolve_precision + autocast, gradient
 clipping at 1.0 as common.train_one_epoch; batches from pipeline.build_loader (--data, the
 `seed` augmentation of the architecture's recipe) or synthetic tensors (--synthetic).
---original = the original study's loop on the same images: torchvision ImageFolder + the
-original script's PIL transforms + DataLoader(shuffle, workers), the same network in fp32
+--original = the original study's loop on the same images: its input path (bench/original.py:
+ImageFolder + the original script's PIL transforms + DataLoader(shuffle)), the same network in fp32
 and contiguous memory, every BatchNorm in train mode, the original optimiser (AdamW + clip
 1.0 for the ResNet-18/101 scripts, Adam for ResNet-50 and B4), with glibc's default malloc
-(ours calls pipeline.keep_freed_memory() first, as our scripts should). --compare runs each
+(ours calls pipeline.keep_freed_memory() first, as common.main does). --compare runs each
 side as its own child process (so each has its own malloc setting and peak memory),
 alternately, --repeats times, and prints the medians and their ratio.
 
@@ -40,11 +40,10 @@ import resource  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import bench_data  # noqa: E402  (tree_cpu_seconds, wait_idle, the original input path)
+import bench_data  # noqa: E402  (tree_cpu_seconds, wait_idle, batches_forever)
 import common  # noqa: E402
+import original  # noqa: E402  (bench/original.py)
 import pipeline  # noqa: E402
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,37 +67,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes (default: 2)")
     p.add_argument("--cache-dir", default=None,
                    help="ours: decode cache folder (default: none, built in memory)")
+    p.add_argument("--resident", choices=("auto", "on", "off"), default="auto",
+                   help="ours: the whole decode cache as one tensor on the device, batches "
+                        "augmented there; auto = on for CUDA (default: auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the main process (default: torch's own)")
     p.add_argument("--fused", action="store_true",
-                   help="ours: AdamW(fused=True), a change proposed for common.py "
-                        "(default: the project's loop as it is)")
+                   help="ours: AdamW(fused=True) instead of common's default AdamW "
+                        "(default: off)")
     p.add_argument("--original", action="store_true", help="measure the original loop instead")
     p.add_argument("--compare", action="store_true",
                    help="measure ours and the original alternately, print medians and ratio")
     p.add_argument("--repeats", type=int, default=3,
                    help="measurements per side with --compare (default: 3)")
     return p
-
-
-def original_transform(arch: str, crop: int):
-    """The original script's train transforms for `arch` (ORIGINAL.md), scaled to `crop`."""
-    from torchvision import transforms as T
-    resize = crop if arch == "efficientnet_b4" else round(crop * 256 / 224)
-    steps = {
-        "resnet18": [T.RandomResizedCrop(crop, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
-                     T.RandomRotation(15), T.ColorJitter(0.2, 0.2, 0.2, 0.1),
-                     T.RandomGrayscale(p=0.1)],
-        "resnet50": [T.RandomResizedCrop(crop, scale=(0.8, 1.0)), T.RandomHorizontalFlip(),
-                     T.RandomRotation(10), T.ColorJitter(0.05, 0.05, 0.05)],
-        "resnet101": [T.RandomResizedCrop(crop), T.RandomHorizontalFlip(),
-                      T.ColorJitter(brightness=0.2, contrast=0.2)],
-        "efficientnet_b4": [T.RandomResizedCrop(crop, scale=(0.6, 1.4)), T.RandomHorizontalFlip(),
-                            T.RandomRotation(20), T.ColorJitter(0.2, 0.2, 0.2, 0.1),
-                            T.GaussianBlur(kernel_size=3, sigma=(0.1, 2.0)),
-                            T.RandomPerspective(distortion_scale=0.2, p=0.5)],
-    }[common.ARCHS[arch].recipe if arch != "efficientnet_lite0" else "resnet18"]
-    return T.Compose([T.Resize(resize)] + steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def tree_rss_mb(pid: int | None = None) -> float:
@@ -155,10 +137,11 @@ def setup_ours(args, device, samples, num_classes):
 
     if args.synthetic:
         return step, synthetic_batches(args, pre.crop, num_classes, device), dtype
+    resident = {"auto": device.type == "cuda", "on": True, "off": False}[args.resident]
     loader = pipeline.build_loader(
         samples, train=True, preprocess=pre, augment="seed", recipe=common.ARCHS[arch].recipe,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
-        cache_dir=args.cache_dir)
+        cache_dir=args.cache_dir, gpu_augment=True if resident else None, resident=resident)
 
     def epoch(e):
         loader.set_epoch(e)
@@ -195,8 +178,8 @@ def setup_original(args, device, data_train, num_classes):
 
     if args.synthetic:
         return step, synthetic_batches(args, crop, num_classes, device)
-    _, batches = bench_data.original_batches(data_train, original_transform(arch, crop), args.batch_size,
-                                             args.workers, device)
+    _, batches = original.batches(data_train, original.train_transform(common.ARCHS[arch].recipe, crop),
+                                  args.batch_size, args.workers, device)
     return step, batches
 
 

@@ -134,7 +134,9 @@ def test_metrics_on_a_hand_made_case():
     assert m["loss"] == 1.0 and m["top5"] == 100.0
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
     y = torch.tensor([0, 0])
-    assert [int(v) for v in common.topk_correct(logits, y, (1, 2))] == [1, 2]
+    assert common.top5_correct(logits, y) is None  # fewer than 5 classes: top-5 means nothing
+    logits6 = torch.tensor([[6.0, 5, 4, 3, 2, 1], [1.0, 2, 3, 4, 5, 6]])
+    assert int(common.top5_correct(logits6, torch.tensor([4, 0]))) == 1  # class 0 ranks 6th in row 2
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -175,12 +177,13 @@ def test_test_class_unknown_to_train_is_a_clear_error(tmp_path):
 
 def test_validation_carve_is_stratified_seeded_and_keeps_one_per_class():
     samples = [(f"{c}/{i}", c) for c in range(4) for i in range([2, 3, 10, 1][c])]
-    train, val = common.carve_validation(samples, 0.1, seed=3)
+    classes = ["a", "b", "c", "d"]
+    train, val = common.carve_validation(samples, classes, 0.1, split_seed=3)
     counts = {c: sum(1 for _, y in val if y == c) for c in range(4)}
     assert counts == {0: 1, 1: 1, 2: 1, 3: 0}
     assert sorted(train + val) == sorted(samples)
-    assert common.carve_validation(samples, 0.1, seed=3) == (train, val)
-    assert common.carve_validation(samples, 0.1, seed=4)[1] != val
+    assert common.carve_validation(samples, classes, 0.1, split_seed=3) == (train, val)
+    assert common.carve_validation(samples, classes, 0.1, split_seed=4)[1] != val
     limited = common.limit_per_class(samples, 2)
     assert {c: sum(1 for _, y in limited if y == c) for c in range(4)} == {0: 2, 1: 2, 2: 2, 3: 1}
 
@@ -204,7 +207,7 @@ def test_weights_for_another_architecture_fail_clearly(nets, tmp_path):
         common.build_model("resnet50", 7, str(path))
     bad = tmp_path / "junk.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="not a loadable PyTorch state dict"):
+    with pytest.raises(SystemExit, match=r"--weights .*junk.pth: not a PyTorch checkpoint"):
         common.build_model("resnet18", 7, str(bad))
 
 

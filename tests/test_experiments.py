@@ -208,9 +208,8 @@ def test_grid_compare_takes_the_validation_winner_not_the_test_one(tiny, tmp_pat
     weights.write_bytes(b"never read by the stand-in")
     fake = FakeFit(val=lambda c, e: {1e-3: 40.0, 3e-4: 60.0}[c["lr"]],
                    test=lambda c: 20.0 if c["weights"] == "none" else {1e-3: 90.0, 3e-4: 30.0}[c["lr"]])
-    monkeypatch.setattr(experiments, "fit", fake)
     config = config_for(tiny, tmp_path, ["--weights", str(weights), "--grid-spec", "lr=1e-3,3e-4", "--compare"])
-    ranked = experiments.run(config, {}, explicit={"grid_spec", "compare", "weights"})
+    ranked = experiments.run(config, {}, {"grid_spec", "compare", "weights"}, fake)
     assert [r["trial"] for r in ranked] == ["lr=0.0003", "lr=0.001"]
     assert "grid winner by validation: lr=0.0003 (val top-1 60.00%, test top-1 30.00%)" in capsys.readouterr().out
     # the winner itself is not trained again; the random-init network gets its options
@@ -224,7 +223,7 @@ def test_grid_compare_takes_the_validation_winner_not_the_test_one(tiny, tmp_pat
                        "pretrained_run": "grid/lr=0.0003", "random_init_run": "grid-compare/random_init"}
     # a later plain --compare starts from the same winner and finds both runs finished
     later = config_for(tiny, tmp_path, ["--weights", str(weights), "--compare"])
-    rows = experiments.run(later, {}, explicit={"compare", "weights"})
+    rows = experiments.run(later, {}, {"compare", "weights"}, fake)
     assert len(fake.calls) == 3 and [r["run"] for r in rows] == ["grid/lr=0.0003", "grid-compare/random_init"]
     assert "starting from the grid winner lr=0.0003" in capsys.readouterr().out
 
@@ -234,9 +233,8 @@ def test_halving_rule_when_the_grid_varies_epochs(tiny, tmp_path, monkeypatch):
     # ones lr 1e-3 is better too
     val = {(2, 1e-3): 50.0, (2, 3e-4): 10.0, (8, 1e-3): 40.0, (8, 3e-4): 20.0}
     fake = FakeFit(val=lambda c, e: val[(c["epochs"], c["lr"])] + e, test=lambda c: 0.0)
-    monkeypatch.setattr(experiments, "fit", fake)
     config = config_for(tiny, tmp_path, ["--grid-spec", "epochs=2,8;lr=1e-3,3e-4", "--halving", "1"])
-    ranked = experiments.run(config, {}, explicit={"grid_spec", "halving"})
+    ranked = experiments.run(config, {}, {"grid_spec", "halving"}, fake)
     status = {r["trial"]: r["status"] for r in ranked}
     # rung 1: all four to epoch 1, the two best stay; rung 2: the 2-epoch trial finishes its own
     # schedule (tested) and beats the 8-epoch one, which is cut at 2; one left: the race ends
@@ -247,7 +245,7 @@ def test_halving_rule_when_the_grid_varies_epochs(tiny, tmp_path, monkeypatch):
                                                   ("epochs=2_lr=0.001", 2), ("epochs=8_lr=0.001", 2)]
     assert sum(fake.reached.values()) == 6 == experiments.halving_epochs([2, 2, 8, 8], 1, longest_survive=False)[0]
     # a rerun replays the recorded rungs: nothing trains
-    experiments.run(config, {}, explicit={"grid_spec", "halving"})
+    experiments.run(config, {}, {"grid_spec", "halving"}, fake)
     assert len(fake.calls) == 6
 
 
@@ -329,13 +327,13 @@ def test_grid_writes_trial_folders_tables_and_hparams(grid_runs):
 
 def test_grid_folder_of_other_options_is_refused(grid_runs):
     argv = [str(a) for a in grid_runs["args"]] + ["--epochs", "2"]
-    with pytest.raises(SystemExit, match=r"holds a run with other options \(epochs=1 there, 2 now\); pass --name NEW"):
+    with pytest.raises(SystemExit, match=r"holds a run with other options \(--epochs 1 there, 2 now\); pass --name NEW"):
         common.main(R18, {}, argv=argv, script="main_ResNet-18")
     assert mtimes(grid_runs["dir"], TRIALS) == grid_runs["after_resume"]
 
 
 def test_failing_trial_is_recorded_and_the_grid_goes_on(tiny, work, monkeypatch, one_thread):
-    real_fit = experiments.fit
+    real_fit = common.fit
 
     def flaky(c, stop_after=None):
         if c["lr"] == 1e-3:
@@ -344,9 +342,8 @@ def test_failing_trial_is_recorded_and_the_grid_goes_on(tiny, work, monkeypatch,
             common.fail("non-finite loss at epoch 1, step 3; stopping")
         return real_fit(c, stop_after)
 
-    monkeypatch.setattr(experiments, "fit", flaky)
     config = config_for(tiny, work / "failing", ["--grid-spec", "lr=1e-3,3e-4,1e-4"])
-    ranked = experiments.run(config, {}, explicit={"grid_spec"})
+    ranked = experiments.run(config, {}, {"grid_spec"}, flaky)
     grid_dir = work / "failing" / "main_ResNet-18" / "grid"
     rows = {r["run"].split("/")[1]: r for r in read_csv(grid_dir / "results.csv")}
     assert rows["lr=0.001"]["status"] == "failed"
@@ -357,8 +354,7 @@ def test_failing_trial_is_recorded_and_the_grid_goes_on(tiny, work, monkeypatch,
     assert json.loads((grid_dir / "lr=0.001" / "error.json").read_text())["error"].startswith("OutOfMemoryError")
     done_at = (grid_dir / "lr=0.0001" / "metrics.json").stat().st_mtime_ns
     # the next run retries the failed trials only
-    monkeypatch.setattr(experiments, "fit", real_fit)
-    experiments.run(config, {}, explicit={"grid_spec"})
+    experiments.run(config, {}, {"grid_spec"}, real_fit)
     rows = read_csv(grid_dir / "results.csv")
     assert [r["status"] for r in rows] == ["done"] * 3 and not list(grid_dir.glob("*/error.json"))
     assert (grid_dir / "lr=0.0001" / "metrics.json").stat().st_mtime_ns == done_at
@@ -441,5 +437,5 @@ def test_bad_experiment_options_fail_before_writing(tiny, tmp_path):
         assert not out.exists()
     # common.main() sends only --grid/--grid-spec/--compare here; --halving alone is refused by run()
     with pytest.raises(SystemExit, match="--halving works with --grid or --grid-spec"):
-        experiments.run(config_for(tiny, out, ["--halving", "2"]), {}, {"halving"})
+        experiments.run(config_for(tiny, out, ["--halving", "2"]), {}, {"halving"}, common.fit)
     assert not out.exists()

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import common
+import devices
+import features
 
 TINY = {"accordion", "airplanes", "anchor", "ant", "barrel", "bass", "beaver", "binocular", "bonsai", "brain",
         "brontosaurus", "buddha"}
@@ -48,7 +50,7 @@ def test_the_forward_sequence_computes_the_model(arch):
 def test_the_prefix_ends_where_training_or_randomness_begins(arch, unfreeze, bn_stats, prefix):
     model = common.build_model(arch, 7, "none")
     common.freeze(model, arch, common.parse_unfreeze(unfreeze, arch))
-    head, rest = common.split_frozen_prefix(model, bn_stats)
+    head, rest = features.split_frozen_prefix(model, bn_stats)
     names = {id(m): n for n, m in model.named_modules()}
     assert [names[id(m)] for m in head] == prefix
     assert len(head) + len(rest) == len(common.forward_sequence(model))
@@ -99,24 +101,25 @@ def test_augmented_training_or_a_tight_memory_runs_every_stage_each_step(tiny_sp
                                                                         capsys, monkeypatch):
     common.fit(lite0_config(tiny_split, tmp_path, weights_file, name="flip", augment="flip", epochs=1))
     assert "frozen features.0" not in capsys.readouterr().out  # each epoch shows other pixels
-    monkeypatch.setattr(common, "memory_budget", lambda device: 1000)
+    monkeypatch.setattr(devices, "memory_limit", lambda device: 1000)
     common.fit(lite0_config(tiny_split, tmp_path, weights_file, name="tight", epochs=1))
     printed = capsys.readouterr().out
-    assert "frozen features.0 to features.3: outputs of 96 images would take 1 MiB, over a quarter of the " \
-           "memory; running them every step" in printed
+    assert "frozen features.0 to features.3: outputs of 96 images would take 1 MiB, over the memory budget " \
+           "(a quarter of the memory, less what is already resident); running them every step" in printed
     assert (tmp_path / "main_test" / "tight" / "metrics.json").is_file()
 
 
 def test_prefix_batches_serve_the_loaders_order_and_labels(tiny_split, tmp_path):
     import pipeline
 
-    classes, train, val, test = common.prepare_data(lite0_config(tiny_split, tmp_path, "none"))
+    classes, splits = common.prepare_data(lite0_config(tiny_split, tmp_path, "none"))
+    train = splits["train"]
     pre = common.make_preprocess("efficientnet_lite0", 32, "squash")
     loader = pipeline.build_loader(train, train=True, preprocess=pre, augment="none", recipe="efficientnet_lite0",
                                    batch_size=16, workers=0, device=torch.device("cpu"), seed=3,
                                    cache_dir=str(tmp_path / "cache"))
     outputs = torch.arange(len(loader.samples), dtype=torch.float32).view(-1, 1) * 10  # row i: sample i
-    served = common.PrefixBatches(loader, outputs)
+    served = features.CachedBatches(loader, outputs)
     for epoch in (1, 2):
         served.set_epoch(epoch)
         got = [(x[:, 0] / 10).long() for x, _ in served]
@@ -125,7 +128,7 @@ def test_prefix_batches_serve_the_loaders_order_and_labels(tiny_split, tmp_path)
         assert [g.tolist() for g in got] == [i.tolist() for i in loader.batch_indices()]
     assert len(served) == len(loader) and sum(len(g) for g in got) == loader.num_samples
     with pytest.raises(ValueError, match="3 cached outputs for 60 samples"):
-        common.PrefixBatches(loader, outputs[:3])
+        features.CachedBatches(loader, outputs[:3])
 
 
 def test_a_resumed_run_recomputes_the_prefix_and_ends_bit_identical(tiny_split, weights_file, tmp_path, capsys):

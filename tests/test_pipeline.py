@@ -1,6 +1,7 @@
-"""The training input path (pipeline.py): augmentation statistics recovered from rendered
-images, evaluation preprocessing against torchvision, determinism, DDP sharding, the decode
-cache, bad files. Small images and workers=0 keep it to a few seconds of CPU.
+"""The training input path (pipeline.py, augment.py): augmentation statistics recovered from
+rendered images, evaluation preprocessing against torchvision, determinism, DDP sharding, the
+resident cache, the decode cache, bad files. Small images and workers=0 keep it to a few
+seconds of CPU.
 
 Geometry is recovered from "coordinate images": R and G encode each pixel's x and y as a
 fraction of the image size, B = 255 marks real content (rotation fills 0). A least-squares
@@ -8,6 +9,7 @@ affine fit from output pixels to decoded source pixels gives the crop box, flip 
 """
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+import augment as A
 import pipeline as P
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -92,13 +95,13 @@ def test_geometry_matches_drawn_parameters(coord_samples, path):
     pre = P.Preprocess(crop=40, resize=48, **IMAGENET)
     images, sizes = cached(coord_samples, pre)
     rows = np.arange(96) % len(coord_samples)
-    recipe = P.SEED_RECIPES["resnet18"]
-    p = P.draw_params(recipe, sizes[rows], pre.crop, np.random.default_rng(3))
+    recipe = A.SEED_RECIPES["resnet18"]
+    p = A.draw_params(recipe, sizes[rows], pre.crop, np.random.default_rng(3))
     # colour off so R/G still encode coordinates; geometry exactly as drawn
     for k in ("brightness", "contrast", "saturation"):
         p[k] = np.ones(len(rows))
     p["hue"], p["gray"] = np.zeros(len(rows)), np.zeros(len(rows), bool)
-    plan = P.plan_arrays(p, sizes[rows], pre.crop, P.cache_geometry(pre, True)["long"])
+    plan = A.plan_arrays(p, sizes[rows], pre.crop, P.cache_geometry(pre, True)["long"])
     x = P.augment_batch(images, rows, plan, pre, tensor_path=PATHS[path])
     got = np.array([fit_geometry(x[k], pre, sizes[r]) for k, r in enumerate(rows)])
     area, aspect, flip, angle = got.T
@@ -181,12 +184,38 @@ def test_tensor_path_agrees_with_pil_path(real_split):
     images, sizes = cached(samples, pre)
     rows = np.arange(len(samples))
     for recipe in ("resnet18", "efficientnet_b4"):
-        p = P.draw_params(P.SEED_RECIPES[recipe], sizes, pre.crop, np.random.default_rng(5))
-        plan = P.plan_arrays(p, sizes, pre.crop, P.cache_geometry(pre, True)["long"])
+        p = A.draw_params(A.SEED_RECIPES[recipe], sizes, pre.crop, np.random.default_rng(5))
+        plan = A.plan_arrays(p, sizes, pre.crop, P.cache_geometry(pre, True)["long"])
         a = P.augment_batch(images, rows, plan, pre, tensor_path=False)
         b = P.augment_batch(images, rows, plan, pre, tensor_path=True)
         per_image = (a - b).abs().mean((1, 2, 3))
         assert per_image.max() < 0.25 and per_image.mean() < 0.12, (recipe, per_image.max())
+
+
+def test_seed_recipes_are_the_original_transforms():
+    """augment.SEED_RECIPES names the same ranges and probabilities as the original scripts'
+    torchvision transforms that the benches run (bench/original.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import original
+    for name, r in A.SEED_RECIPES.items():
+        steps = {type(t).__name__: t for t in original.train_transform(name).transforms}
+        crop = steps["RandomResizedCrop"]
+        assert (tuple(crop.scale), tuple(crop.ratio)) == (r["scale"], r["ratio"]), name
+        assert steps["RandomHorizontalFlip"].p == r["flip"]
+        rot = steps.get("RandomRotation")
+        assert (list(rot.degrees) if rot else [0.0, 0.0]) == [-r["degrees"], r["degrees"]], name
+        jitter = steps["ColorJitter"]
+        for k in ("brightness", "contrast", "saturation"):
+            x = r[k]
+            assert getattr(jitter, k) == ((max(0.0, 1 - x), 1 + x) if x else None), (name, k)
+        assert jitter.hue == ((-r["hue"], r["hue"]) if r["hue"] else None), name
+        gray = steps.get("RandomGrayscale")
+        assert (gray.p if gray else 0.0) == r["grayscale"], name
+        blur = steps.get("GaussianBlur")
+        assert (tuple(blur.sigma) if blur else None) == r["blur_sigma"], name
+        persp = steps.get("RandomPerspective")
+        assert ((persp.distortion_scale, persp.p) if persp else (0.0, 0.0)) == \
+            (r["perspective"], r["perspective_p"]), name
 
 
 def test_colour_matrices_follow_jitter_semantics():
@@ -194,10 +223,10 @@ def test_colour_matrices_follow_jitter_semantics():
     p = dict(brightness=np.array([1.2, 1.0, 1.0, 1.0]), contrast=np.array([1.0, 0.5, 1.0, 1.0]),
              saturation=np.array([1.0, 1.0, 0.0, 1.0]), hue=np.array([0, 0, 0, 0.25]),
              order=np.tile(np.arange(4), (n, 1)), gray=np.zeros(n, bool))
-    M, K = P.colour_matrices(p)
+    M, K = A.colour_matrices(p)
     x, mu = np.array([200.0, 100.0, 50.0]), np.array([80.0, 60.0, 40.0])
     out = M @ x + K @ mu
-    w = np.array(P.GRAY_WEIGHTS)
+    w = np.array(A.GRAY_WEIGHTS)
     assert np.allclose(out[0], 1.2 * x)                                   # brightness
     assert np.allclose(out[1], 0.5 * x + 0.5 * (w @ mu))                  # contrast to mean gray
     assert np.allclose(out[2], w @ x)                                     # saturation 0 = gray
@@ -214,7 +243,7 @@ def test_uint8_blur_matches_torchvision_gaussian_blur(real_split, sigma):
     img = Image.open(path).convert("RGB")
     a = np.asarray(img)
     ref = np.asarray(TF.gaussian_blur(img, 3, [sigma, sigma])).astype(int)
-    got = P.blur_u8(a, sigma).astype(int)
+    got = A.blur_u8(a, sigma).astype(int)
     assert got.shape == a.shape
     assert np.abs(got - ref).max() <= 1, (sigma, np.abs(got - ref).max())
     if sigma < 0.25:
@@ -233,15 +262,15 @@ def test_pil_path_colour_matches_torchvision_jitter(real_split):
     srcs = [np.ascontiguousarray(np.asarray(Image.open(p).convert("RGB"))[:40, :40]) for p in paths]
     n, crop = len(srcs), 40
     sizes = np.full((n, 2), crop)
-    recipe = P._recipe(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.3, contrast=0.3,
+    recipe = A._recipe(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.3, contrast=0.3,
                        saturation=0.3, grayscale=0.3)
-    p = P.draw_params(recipe, sizes, crop, np.random.default_rng(11))
+    p = A.draw_params(recipe, sizes, crop, np.random.default_rng(11))
     assert p["gray"].any() and not p["gray"].all()
     assert (p["box"] == [0, 0, crop, crop]).all() and not p["flip"].any()
-    plan = P.plan_arrays(p, sizes, crop, crop)
+    plan = A.plan_arrays(p, sizes, crop, crop)
     diffs = []
     for k in range(n):
-        got = P.render_pil(srcs[k], plan, k, crop).astype(int)
+        got = A.render_pil(srcs[k], plan, k, crop).astype(int)
         ref = Image.fromarray(srcs[k])
         for op in p["order"][k]:
             if op < 3:   # hue (3) is 0 in this recipe
@@ -459,6 +488,65 @@ def test_eval_shards_cover_every_sample_once(coord_samples):
         assert len(ys) == loader.num_samples
         seen += ys
     assert sorted(seen) == list(range(7))
+
+
+# --------------------------------------------------------------------------------------------
+# resident cache: the same batches as streaming
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("train,augment,recipe", [(True, "light", "resnet18"),
+                                                  (True, "seed", "efficientnet_b4"),
+                                                  (True, "flip", "resnet18"),
+                                                  (False, "none", "resnet18")])
+def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, augment, recipe):
+    """resident=True (the whole uint8 cache one tensor on the device, forced here on the CPU)
+    serves bit-identical fp32 batches to the streamed tensor path, epoch after epoch, and so
+    does the same loader after release() and after make_resident() again, both idempotent. A
+    bad first file shifts every sample's cache row."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    samples = [(str(bad), 0)] + colour_samples(real_split)[:20]
+    pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
+    kw = dict(train=train, preprocess=pre, augment=augment, recipe=recipe, batch_size=8, workers=0,
+              device=CPU, seed=5, cache_dir=str(tmp_path / "cache"), progress=False, skip_bad=True,
+              gpu_augment=True)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        streamed = P.build_loader(samples, resident=False, **kw)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        resident = P.build_loader(samples, resident=True, **kw)
+    assert resident.resident and not streamed.resident
+    stored = (28, 42) if train and augment in ("light", "seed") else (24, 24)   # train canvas, eval crop
+    assert resident.cache_bytes == streamed.cache_bytes == len(samples) * stored[0] * stored[1] * 3
+
+    def same(epochs):
+        for epoch in epochs:
+            a, b = epoch_batches(streamed, epoch), epoch_batches(resident, epoch)
+            assert len(a) == len(b) == len(streamed)
+            for (x1, y1), (x2, y2) in zip(a, b):
+                assert x1.dtype == x2.dtype == torch.float32
+                assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    same((0, 1))
+    resident.release()
+    assert not resident.resident
+    resident.release()                               # idempotent
+    assert not resident.resident
+    same((1, 0))
+    resident.make_resident()
+    resident.make_resident()                         # idempotent
+    assert resident.resident
+    same((2,))
+
+
+def test_resident_needs_the_tensor_path(coord_samples):
+    pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
+    kw = dict(train=True, preprocess=pre, augment="light", recipe="resnet18", batch_size=4, workers=0,
+              device=CPU, seed=0, cache_dir=None, progress=False, resident=True)
+    for gpu_augment in (False, None):                # None: the tensor path on CUDA only
+        with pytest.raises(ValueError, match=r"resident=True \(.*\) needs the tensor path: pass gpu_augment=True"):
+            P.build_loader(coord_samples, gpu_augment=gpu_augment, **kw)
+    streamed = P.build_loader(coord_samples, gpu_augment=None, **dict(kw, resident=False))
+    with pytest.raises(ValueError, match="needs the tensor path"):
+        streamed.make_resident()
+    assert not streamed.resident and streamed.cache_bytes > 0
 
 
 # --------------------------------------------------------------------------------------------

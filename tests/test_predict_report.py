@@ -190,7 +190,7 @@ def write_run(root, rel, arch, weights, unfreeze, val, test, lr=3e-4, wd=1e-5, b
     d = root / rel
     d.mkdir(parents=True)
     config = {"arch": arch, "weights": weights, "unfreeze": unfreeze, "batch_size": batch, "epochs": epochs,
-              "lr": lr, "weight_decay": wd, "img_size": 224, "script": rel.split("/")[0]}
+              "lr": lr, "weight_decay": wd, "img_size": report.OWN_IMG_SIZE[arch], "script": rel.split("/")[0]}
     metrics = {"test_top1": test, "test_top5": test + 5, "test_mean_class_acc": test - 1, "best_val_top1": val,
                "best_epoch": 7, "epochs": epochs, "train_seconds": 60.0}
     (d / "config.json").write_text(json.dumps(config))
@@ -198,7 +198,11 @@ def write_run(root, rel, arch, weights, unfreeze, val, test, lr=3e-4, wd=1e-5, b
 
 
 def parse_table(text):
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    """The first markdown table of text (the main setting's)."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    lines = lines[start:]
+    lines = lines[:next((i for i, ln in enumerate(lines) if not ln.startswith("|")), len(lines))]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return header, [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
 
@@ -223,7 +227,7 @@ def test_report_picks_by_validation_never_by_test(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "broken" in r.stderr and "unfinished" not in r.stderr
     written = (runs / "results.md").read_text()
-    assert written == r.stdout
+    assert r.stdout == written + f"wrote {runs / 'results.md'} and 1 figure(s) under {runs / 'figures'}\n"
     header, rows = parse_table(written)
     assert header == ["model", "batch", "epochs", "lr", "weight decay", "trained part", "Top@1", "val Top@1",
                       "Top@5", "mean per-class", "run"]
@@ -238,9 +242,12 @@ def test_report_picks_by_validation_never_by_test(tmp_path):
     assert (b4["trained part"], b4["batch"], b4["weight decay"]) == ("last 6 blocks", "32", "1e-4")
     assert (scratch["run"], scratch["Top@1"], scratch["epochs"], scratch["trained part"]) == (
         "main_ResNet-18/compare/random_init", "66.00", "50", "all")
-    assert "7 finished run(s)" in written
-    assert sorted(p.name for p in runs.iterdir()) == ["broken", "main_Efficient_B4", "main_ResNet-18",
+    assert "7 finished run(s) of this setting" in written
+    assert sorted(p.name for p in runs.iterdir()) == ["broken", "figures", "main_Efficient_B4", "main_ResNet-18",
                                                       "main_ResNet-50", "results.md", "unfinished"]  # no temp file
+    # these runs have no event files and no confusion matrix: only the summary is drawn, the rest said
+    assert sorted(p.name for p in (runs / "figures").iterdir()) == ["summary.png", "summary.svg"]
+    assert "- left out figures/curves-resnet18.png: no run of this network has per-epoch TensorBoard scalars" in written
 
 
 def test_report_on_an_empty_folder_fails_and_writes_nothing(tmp_path):

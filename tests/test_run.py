@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import devices
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--limit-per-class", "8", "--img-size", "64", "--workers", "0"]
@@ -118,7 +119,8 @@ BAD = [
     (["--lr", "0"], "--lr must be > 0"),
     (["--lr=-1e-3"], "--lr must be > 0"),
     (["--epochs", "two"], "argument --epochs: invalid int value"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 2"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
     (["--val-fraction", "0.6"], "--val-fraction must be within [0, 0.5]"),
     (["--unfreeze", "layer9"], "unknown module layer9"),
     (["--weights", "missing.pth"], "not imagenet, none, or an existing file"),
@@ -205,12 +207,11 @@ def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_p
                               "--img-size", "64", "--workers", "0", "--probe-epochs", "15", "--precision", "fp32",
                               "--cache-dir", str(tmp_path / "cache")])
     config = common.resolve_config(args, dict(epochs=1, scratch_epochs=1, unfreeze="last:1"), "main_test")
-    classes, train, val, test = common.prepare_data(config)
-    torch.manual_seed(0)  # the new head's initialisation: not whatever earlier tests left in the global RNG
-    model = common.build_model("efficientnet_lite0", len(classes), str(weights))
-    common.freeze(model, "efficientnet_lite0", ["features.8"])
+    run = common.start_run(config)  # seeds the new head's initialisation from --seed, then trains features.8
+    loaders, options = common.build_loaders(run, devices.MemoryBudget(devices.memory_limit(run.device)))
+    model = run.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    best = common.linear_probe(config, model, train, val, torch.device("cpu"), None)
+    best = common.linear_probe(run, loaders, common.eval_sources(run, loaders, options), None)
     after = model.state_dict()
     moved = {k for k in after if not torch.equal(before[k], after[k])}
     assert moved == {"classifier.1.weight", "classifier.1.bias"}  # the head alone, BN statistics included

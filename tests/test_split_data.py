@@ -23,18 +23,10 @@ from PIL import Image
 
 import split_data
 from split_data import (BACKGROUND, SPLIT_FILE, UnsafeArchiveError, check_images, disk_diff,
-                        download, find_class_root, main, safe_extract, split_class)
+                        download, file_md5, find_class_root, main, safe_extract, split_class)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def snapshot(folder, inodes=False):
     """rel path -> (size of files, mtime_ns[, inode]) for every file and folder under folder."""
@@ -142,9 +134,9 @@ def serve(folder):
 def real_runs(caltech_archive, tmp_path_factory):
     """Run 1: the archive -> a/. Run 2: the same archive extracted to a folder -> b/."""
     tmp = tmp_path_factory.mktemp("real")
-    r = {"archive_hash_before": sha256(caltech_archive)}
+    r = {"archive_hash_before": file_md5(caltech_archive)}
     r["a"], r["a_stdout"], _ = run(["--source", caltech_archive, "--out", tmp / "a"])
-    r["archive_hash_after"] = sha256(caltech_archive)
+    r["archive_hash_after"] = file_md5(caltech_archive)
     src = find_class_root(safe_extract(caltech_archive, tmp / "src"))
     r["src"], r["src_before"] = src, snapshot(src)
     r["b"], r["b_stdout"], _ = run(["--source", src, "--out", tmp / "b"])
@@ -404,12 +396,12 @@ def test_archive_sources(crafted, tmp_path, fmt):
         "tar": lambda: make_tar(tmp_path / "x.tar", tree_of(crafted)),
         "flat-zip": lambda: shutil.make_archive(str(tmp_path / "x"), "zip", crafted.parent, crafted.name),
     }[fmt]()
-    digest = sha256(archive)
+    digest = file_md5(archive)
     rec, _, _ = run(["--source", archive, "--out", tmp_path / "out"])
     folder_rec, _, _ = run(["--source", crafted, "--out", tmp_path / "from-folder"])
     assert rec["classes"] == ["Bee", "ant", "cat"] and rec["skipped"] == []
     assert (rec["train"], rec["test"]) == (folder_rec["train"], folder_rec["test"])
-    assert sha256(archive) == digest
+    assert file_md5(archive) == digest
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [SPLIT_FILE, "test", "train"]
 
 

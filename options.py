@@ -1,0 +1,206 @@
+"""Options and the one config dict: the parser every script shares, the defaults a script sets,
+the checks made before anything is written, the run's name and folder, and how two configs of
+the same run may differ.
+"""
+import argparse
+import os
+from pathlib import Path
+
+import augment
+import pipeline
+from errors import fail
+from nets import ARCHS, parse_unfreeze, weights_preprocess
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Options that cannot change a run's results: a resumed or reused run may differ in these.
+EXEMPT = ("resume", "workers", "device", "cache_dir", "compile", "deterministic", "out", "name", "script",
+          "grid", "grid_spec", "halving", "compare")
+# What older config.json files lack, and what it then meant (None: no single value; it differs).
+LEGACY = {"crop_mode": "center", "split_seed": None}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the script's docstring as written; appends a default that the help does not name."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in h:
+            h += " (default: %(default)s)"
+        return h
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line instead of argparse's usage block."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def get_args_parser(defaults):
+    d = defaults
+    p = Parser(description=d.get("description"), formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--data", default="dataset/images", help="folder holding train/ and test/ (from split_data.py)")
+    a("--out", default="runs", help="runs are written to OUT/<script name>/<run name>/")
+    a("--name", default=None,
+      help="run name (default: built from the options, e.g. imagenet-last1-b64-lr0.0003-...); "
+           "with --grid/--compare: the folder of the grid or comparison (default grid, compare)")
+    a("--epochs", type=int, default=None,
+      help=f"epochs (default {d['epochs']} pretrained, {d['scratch_epochs']} with --weights none)")
+    a("--batch-size", type=int, default=d["batch_size"], help="images per optimizer step, per process")
+    a("--lr", type=float, default=d["lr"],
+      help="learning rate of the new head; the pretrained backbone gets lr * --backbone-lr-ratio")
+    a("--backbone-lr-ratio", type=float, default=d.get("backbone_lr_ratio", 0.1),
+      help="backbone lr / head lr for pretrained weights (1 with --weights none)")
+    a("--weight-decay", type=float, default=d["weight_decay"],
+      help="AdamW weight decay (not applied to biases and norm weights)")
+    a("--img-size", type=int, default=d.get("img_size"),
+      help="training and test crop, px (default: " + (f"{d['img_size']}" if d.get("img_size") else
+                                                     "the weights' own, e.g. 224 or 380") + ")")
+    a("--crop-mode", default=d.get("crop_mode", "center"), choices=pipeline.CROP_MODES,
+      help="evaluation framing: center (resize the shorter side, centre crop: the weights' own) or "
+           "squash (the whole image resized to --img-size square, nothing cut off)")
+    a("--unfreeze", default=None,
+      help=f"trained part: all, head, last:N, or module names like layer3,layer4 "
+           f"(default {d['unfreeze']} pretrained, all with --weights none)")
+    a("--weights", default="imagenet", help="imagenet, none (random init) or PATH to a state dict / checkpoint")
+    a("--val-fraction", type=float, default=0.1,
+      help="share of each train/ class held out for checkpoint selection (0 to 0.5)")
+    a("--split-seed", type=int, default=0,
+      help="decides which train/ images of each class are held out for validation (per class name)")
+    a("--seed", type=int, default=0, help="seeds initialisation, batch order, augmentation and dropout")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK)")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes (0: in the main process)")
+    a("--resume", default=None, help="PATH to a last.pth, or auto (this run's own last.pth if there is one)")
+    a("--limit-per-class", type=int, default=None, help="use at most N images per class of each split (smoke runs)")
+    a("--augment", default=d.get("augment", "seed"), choices=augment.AUGMENTS,
+      help="seed: the original script's augmentation; light: random resized crop + flip; flip: the "
+           "evaluation framing mirrored left-right half the time; none: the evaluation framing")
+    a("--precision", default="auto", choices=PRECISIONS,
+      help="auto: bf16 on GPUs of compute capability >= 8.0, fp16 with loss scaling below (T4, V100); "
+           "on the CPU bf16 where native, else fp32")
+    a("--deterministic", action="store_true",
+      help="turn off cudnn.benchmark and TF32 and ask torch for deterministic algorithms "
+           "(GPU runs then repeat more closely, and slower)")
+    a("--compile", action="store_true", help="torch.compile the model (pays on GPUs for long runs)")
+    a("--bn-stats", default=d.get("bn_stats", "train"), choices=("train", "frozen"),
+      help="BatchNorm in the trained part: train (batch statistics, running averages updated) or frozen "
+           "(running statistics kept, as in the frozen part); frozen parts are always frozen")
+    a("--probe-epochs", type=int, default=d.get("probe_epochs", 0),
+      help="pretrained weights: first train the new head alone this many epochs on cached features at "
+           "10 x --lr (linear probe, then fine-tune: LP-FT); 0 = off")
+    a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
+    a("--skip-bad", action="store_true", help="train without images that cannot be decoded instead of stopping")
+    a("--cache-dir", default=None, help="decoded-image and feature caches (default DATA/.cache)")
+    a("--cache-frozen", default="auto", choices=("auto", "off"),
+      help="auto: when the leading stages are frozen and training sees the evaluation framing "
+           "(--augment none), compute their outputs once and train the rest on them; off: run them every step")
+    a("--grid", action="store_true", help="run this script's hyper-parameter grid (ranked on validation)")
+    a("--grid-spec", default=None, help='replace the grid: "lr=1e-3,3e-4;batch_size=32,64;unfreeze=last:1,all"')
+    a("--halving", type=int, default=0,
+      help="grid: successive halving from this many epochs (keep the better half on validation, double, "
+           "repeat); 0 = off")
+    a("--compare", action="store_true", help="train the pretrained and the randomly initialised network and compare")
+    a("--arch", default=d["arch"], choices=list(ARCHS), help=argparse.SUPPRESS)
+    return p
+
+
+def given_options(defaults, argv=None):
+    """The dests of the options on the command line, however spelled (--epochs=1, --epoch 1)."""
+    probe = get_args_parser(defaults)
+    for a in probe._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def resolve_config(args, defaults, script):
+    """argparse namespace -> the one config dict; checks ranges before anything is written."""
+    c = dict(vars(args))
+    c["script"] = script
+    scratch = c["weights"] == "none"
+    if c["epochs"] is None:
+        c["epochs"] = defaults["scratch_epochs"] if scratch else defaults["epochs"]
+    given = c["unfreeze"] is not None
+    c["unfreeze"] = c["unfreeze"] or defaults["unfreeze"]
+    scratch_rules(c, unfreeze_given=given)
+    c["img_size"] = c["img_size"] or weights_preprocess(c["arch"])["crop"]
+    check_config(c)
+    return c
+
+
+def scratch_rules(c, unfreeze_given=False):
+    """--weights none: the settings a random network needs whatever else was asked. The one place
+    for them: single runs, grid trials and the comparison's random side. -> c, changed in place."""
+    if c["weights"] == "none":
+        if not unfreeze_given:
+            c["unfreeze"] = "all"  # nothing pretrained to keep frozen
+        c["backbone_lr_ratio"] = 1.0  # nothing pretrained to protect: one lr for every layer
+        c["bn_stats"] = "train"  # a random network's running statistics mean nothing yet
+        c["probe_epochs"] = 0  # no features worth probing
+    return c
+
+
+def check_config(c):
+    """Every range check, before any folder is written; one line each."""
+    checks = [
+        (c["epochs"] >= 1, f"--epochs must be at least 1 (got {c['epochs']})"),
+        (c["batch_size"] >= 2, f"--batch-size must be at least 2: training BatchNorm needs two images "
+                               f"per batch (got {c['batch_size']})"),
+        (c["lr"] > 0, f"--lr must be > 0 (got {c['lr']})"),
+        (c["weight_decay"] >= 0, f"--weight-decay must be >= 0 (got {c['weight_decay']})"),
+        (0 <= c["val_fraction"] <= 0.5, f"--val-fraction must be within [0, 0.5] (got {c['val_fraction']})"),
+        (c["img_size"] >= 16, f"--img-size must be at least 16 px (got {c['img_size']})"),
+        (c["probe_epochs"] >= 0, f"--probe-epochs must be >= 0 (got {c['probe_epochs']})"),
+        (c["workers"] >= 0, f"--workers must be >= 0 (got {c['workers']})"),
+        (c["limit_per_class"] is None or c["limit_per_class"] >= 1,
+         f"--limit-per-class must be at least 1 (got {c['limit_per_class']})"),
+        (0 <= c["label_smoothing"] < 1, f"--label-smoothing must be within [0, 1) (got {c['label_smoothing']})"),
+        (c["weights"] in ("imagenet", "none") or Path(c["weights"]).is_file(),
+         f"--weights {c['weights']}: not imagenet, none, or an existing file"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            fail(msg)
+    parse_unfreeze(c["unfreeze"], c["arch"])  # fails early on an unknown module name
+
+
+def default_run_name(c):
+    """Deterministic, so that the same command finds its own run again (--resume auto, the grid)."""
+    w = c["weights"] if c["weights"] in ("imagenet", "none") else Path(c["weights"]).stem
+    u = c["unfreeze"].replace(":", "").replace(",", "+")
+    name = f"{w}-{u}-b{c['batch_size']}-lr{c['lr']:g}-wd{c['weight_decay']:g}-e{c['epochs']}-{c['img_size']}px"
+    if c.get("crop_mode", "center") != "center":
+        name += f"-{c['crop_mode']}"
+    if c.get("seed", 0):
+        name += f"-seed{c['seed']}"
+    if c.get("split_seed", 0):
+        name += f"-split{c['split_seed']}"
+    if c["limit_per_class"]:
+        name += f"-lim{c['limit_per_class']}"
+    return name
+
+
+def run_dir_of(c):
+    return Path(c["out"]) / c["script"] / (c["name"] or default_run_name(c))
+
+
+def differing_options(saved, c):
+    """[(option, value there, value now)] for every option that may change results (all but EXEMPT)
+    whose value differs between a run's saved config and c. Paths are compared resolved."""
+    def norm(k, v):
+        if v is not None and (k == "data" or (k == "weights" and v not in ("imagenet", "none"))):
+            return str(Path(v).resolve())
+        return v
+
+    keys = sorted((set(saved) | set(c)) - set(EXEMPT))
+    missing = object()
+    out = []
+    for k in keys:
+        there = saved.get(k, LEGACY.get(k, missing))
+        if norm(k, there) != norm(k, c.get(k, missing)):
+            out.append((k, "(not recorded)" if there in (None, missing) else there, c.get(k)))
+    return out
+
+
+def describe_differences(diff):
+    """'--val-fraction 0.1 there, 0.2 now; --epochs 5 there, 6 now'"""
+    return "; ".join(f"--{k.replace('_', '-')} {a} there, {b} now" for k, a, b in diff)
