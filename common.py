@@ -355,7 +355,7 @@ def frozen_inputs(run, loaders, sources, budget):
     if not frozen_wanted(run):
         return None
     if head_only(run.config, run.world):
-        frozen = features.head_features(run.model, run.config, sources, loaders, run.device, run.dtype)
+        frozen = features.head_features(run.model, run.config, sources, loaders, run.device, run.dtype, budget)
     else:
         frozen = features.frozen_prefix(run.model, run.config["bn_stats"], sources, loaders, run.config["img_size"],
                                         run.device, run.dtype, budget)
@@ -375,13 +375,13 @@ def probe_wanted(run):
     return bool(c["probe_epochs"]) and run.ckpt is None and c["weights"] != "none" and not head_only(c, run.world)
 
 
-def linear_probe(run, loaders, sources, frozen):
+def linear_probe(run, loaders, sources, frozen, budget):
     """LP-FT (Kumar et al., 2022): before fine-tuning, train the new head alone on the backbone's
     features for --probe-epochs, so the first fine-tuning steps do not push a random head's
     gradients into the pretrained stages. The best head on validation stays in the model."""
     c = run.config
     sources = {"train": sources["train"], "val": sources["val"]}
-    feats = features.head_features(run.model, c, sources, loaders, run.device, run.dtype, frozen)
+    feats = features.head_features(run.model, c, sources, loaders, run.device, run.dtype, budget, frozen)
     head = feats.rest
     # a fresh linear layer alone takes a head-only rate; --lr is then the fine-tuning rate of a trained head
     optimizer = torch.optim.AdamW(param_groups(run.model, c["arch"], 10 * c["lr"], c["weight_decay"], 1.0,
@@ -563,7 +563,7 @@ def _fit(config, stop_after, resident):
     sources = eval_sources(run, loaders, options) if frozen_wanted(run) or probe_wanted(run) else None
     frozen = frozen_inputs(run, loaders, sources, budget)
     if probe_wanted(run):  # every rank alike: same features, same seed
-        linear_probe(run, loaders, sources, frozen)
+        linear_probe(run, loaders, sources, frozen, budget)
     net, batches, dtype = trained_net(run, loaders, frozen)
     optim, progress = make_optimizer(run, len(batches["train"]))
     writer = open_records(run)

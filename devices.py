@@ -231,8 +231,12 @@ class MemoryBudget:
         """True (and counted) when nbytes more fit under the limit."""
         if self.used + nbytes > self.limit:
             return False
-        self.held[name] = self.held.get(name, 0) + nbytes
+        self.hold(name, nbytes)
         return True
+
+    def hold(self, name, nbytes):
+        """Count what must stay resident whatever the limit (the features the head trains on)."""
+        self.held[name] = self.held.get(name, 0) + nbytes
 
     def release(self, name):
         self.held.pop(name, None)

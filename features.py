@@ -189,7 +189,7 @@ def frozen_prefix(model, bn_stats, sources, served, side, device, dtype, budget)
     return Frozen(part=prefix, rest=rest, what=what, batches=batches)
 
 
-def head_features(model, config, sources, served, device, dtype, frozen=None):
+def head_features(model, config, sources, served, device, dtype, budget, frozen=None):
     """-> Frozen cut before the head: the head trains on the backbone's features, computed once
     per split and kept on disk. With a Frozen prefix, only the rest of the backbone runs, on the
     prefix's cached outputs. sources, served: as frozen_prefix."""
@@ -203,5 +203,6 @@ def head_features(model, config, sources, served, device, dtype, frozen=None):
         inputs = CachedBatches(src, frozen.batches[split].outputs) if frozen is not None else src
         path = features_path(config, split, src.samples, dtype)
         f, _ = features_before_head(body, split, inputs, len(src.samples), device, dtype, path)
+        budget.hold("features", f.numel() * f.element_size())
         batches[split] = CachedBatches(served[split], f)
     return Frozen(part=backbone, rest=head, what="the backbone", batches=batches)

@@ -36,6 +36,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def get_args_parser(defaults):
+    """The one parser of every main_*.py; defaults: the script's DEFAULTS row."""
     d = defaults
     p = Parser(description=d.get("description"), formatter_class=HelpFormatter)
     a = p.add_argument
@@ -94,14 +95,20 @@ def get_args_parser(defaults):
     a("--cache-frozen", default="auto", choices=("auto", "off"),
       help="auto: when the leading stages are frozen and training sees the evaluation framing "
            "(--augment none), compute their outputs once and train the rest on them; off: run them every step")
+    add_experiment_options(p)
+    p.add_argument("--arch", default=d["arch"], choices=list(ARCHS), help=argparse.SUPPRESS)
+    return p
+
+
+def add_experiment_options(p):
+    """--grid, --grid-spec, --halving, --compare: experiments.py's options."""
+    a = p.add_argument
     a("--grid", action="store_true", help="run this script's hyper-parameter grid (ranked on validation)")
     a("--grid-spec", default=None, help='replace the grid: "lr=1e-3,3e-4;batch_size=32,64;unfreeze=last:1,all"')
     a("--halving", type=int, default=0,
       help="grid: successive halving from this many epochs (keep the better half on validation, double, "
            "repeat); 0 = off")
     a("--compare", action="store_true", help="train the pretrained and the randomly initialised network and compare")
-    a("--arch", default=d["arch"], choices=list(ARCHS), help=argparse.SUPPRESS)
-    return p
 
 
 def given_options(defaults, argv=None):

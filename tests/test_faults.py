@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import records
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"accordion", "airplanes", "anchor", "ant", "barrel", "bass", "beaver", "binocular", "bonsai", "brain",
@@ -86,21 +87,21 @@ def test_sigkill_mid_run_then_resume_auto_ends_like_an_uninterrupted_run(data, t
 
 def test_a_crash_between_write_and_rename_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    common.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+    records.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
 
     def crash(src, dst):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(common.os, "replace", crash)
+    monkeypatch.setattr(records.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+        records.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
     old = torch.load(path, weights_only=True)
     assert old["epoch"] == 1 and torch.equal(old["w"], torch.ones(3))
     assert [f.name for f in tmp_path.iterdir()] == ["last.pth"]
     with pytest.raises(KeyboardInterrupt):
-        monkeypatch.setattr(common.os, "replace", crash)
-        common.write_json(tmp_path / "metrics.json", {"a": 1})
+        monkeypatch.setattr(records.os, "replace", crash)
+        records.write_json(tmp_path / "metrics.json", {"a": 1})
     assert not (tmp_path / "metrics.json").exists()
 
 

@@ -208,10 +208,12 @@ def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_p
                               "--cache-dir", str(tmp_path / "cache")])
     config = common.resolve_config(args, dict(epochs=1, scratch_epochs=1, unfreeze="last:1"), "main_test")
     run = common.start_run(config)  # seeds the new head's initialisation from --seed, then trains features.8
-    loaders, options = common.build_loaders(run, devices.MemoryBudget(devices.memory_limit(run.device)))
+    budget = devices.MemoryBudget(devices.memory_limit(run.device))
+    loaders, options = common.build_loaders(run, budget)
     model = run.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    best = common.linear_probe(run, loaders, common.eval_sources(run, loaders, options), None)
+    best = common.linear_probe(run, loaders, common.eval_sources(run, loaders, options), None, budget)
+    assert budget.held["features"] > 0  # the features the head trained on are counted
     after = model.state_dict()
     moved = {k for k in after if not torch.equal(before[k], after[k])}
     assert moved == {"classifier.1.weight", "classifier.1.bias"}  # the head alone, BN statistics included

@@ -76,16 +76,24 @@ def test_seed_varies_the_run_but_not_its_validation_images(data, tmp_path):
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--batch-size", "1"], "--batch-size must be at least 2"),
-    (["--limit-per-class", "1", "--val-fraction", "0"], "too few for one batch of 2"),
-])
-def test_too_small_batches_are_one_line_before_any_folder(data, tmp_path, extra, message):
+def test_batch_size_1_is_one_line_before_any_folder(data, tmp_path):
     with pytest.raises(SystemExit) as e:
-        c = config(data, tmp_path / "runs", *extra)
-        common.fit(dict(c, limit_per_class=1) if "--limit-per-class" in extra else c)
-    assert message in str(e.value) and "\n" not in str(e.value)
+        common.fit(config(data, tmp_path / "runs", "--batch-size", "1"))
+    assert "--batch-size must be at least 2" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_too_few_images_for_one_batch_is_one_line_before_any_folder(data, tmp_path):
+    import shutil
+
+    one = tmp_path / "one"
+    for side in ("train", "test"):
+        (one / side / "anchor").mkdir(parents=True)
+        shutil.copy(sorted((data / side / "anchor").iterdir())[0], one / side / "anchor")
+    with pytest.raises(SystemExit) as e:
+        common.fit(config(one, tmp_path / "runs", "--val-fraction", "0"))
+    assert "1 training image(s) after the validation carve: too few for one batch of 2" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "runs").exists()
 
 
 def test_top5_is_left_out_with_fewer_than_5_classes(data, tmp_path, capsys):
