@@ -380,8 +380,16 @@ def linear_probe(run, loaders, sources, frozen, budget):
     features for --probe-epochs, so the first fine-tuning steps do not push a random head's
     gradients into the pretrained stages. The best head on validation stays in the model."""
     c = run.config
+    served = loaders
+    if run.world > 1:  # each process probes alike on every image, so every process has the same head
+        solo = loader_options(c, run.device)
+        train, val = run.splits["train"], run.splits["val"]
+        sources = {"train": make_loader(train, solo, train=False, augment="none", batch_size=c["batch_size"]),
+                   "val": make_loader(val, solo, train=False, augment="none", batch_size=c["batch_size"])}
+        served = {"train": make_loader(train, solo, train=True, augment="none", batch_size=c["batch_size"]),
+                  "val": sources["val"]}
     sources = {"train": sources["train"], "val": sources["val"]}
-    feats = features.head_features(run.model, c, sources, loaders, run.device, run.dtype, budget, frozen)
+    feats = features.head_features(run.model, c, sources, served, run.device, run.dtype, budget, frozen)
     head = feats.rest
     # a fresh linear layer alone takes a head-only rate; --lr is then the fine-tuning rate of a trained head
     optimizer = torch.optim.AdamW(param_groups(run.model, c["arch"], 10 * c["lr"], c["weight_decay"], 1.0,
@@ -401,8 +409,9 @@ def linear_probe(run, loaders, sources, frozen, budget):
         if improves(score, best):
             best, best_state = score, {k: v.clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
-    print(f"linear probe: head trained {c['probe_epochs']} epochs on cached features, best val top-1 "
-          f"{best['top1']:.2f}%", flush=True)
+    if run.rank == 0:
+        print(f"linear probe: head trained {c['probe_epochs']} epochs on cached features, best val top-1 "
+              f"{best['top1']:.2f}%", flush=True)
     return best["top1"]
 
 
@@ -560,7 +569,8 @@ def _fit(config, stop_after, resident):
     run = start_run(config)
     budget = devices.MemoryBudget(devices.memory_limit(run.device))
     loaders, options = build_loaders(run, budget, resident)
-    sources = eval_sources(run, loaders, options) if frozen_wanted(run) or probe_wanted(run) else None
+    sources = eval_sources(run, loaders, options) if frozen_wanted(run) or (probe_wanted(run) and run.world == 1) \
+        else {}
     frozen = frozen_inputs(run, loaders, sources, budget)
     if probe_wanted(run):  # every rank alike: same features, same seed
         linear_probe(run, loaders, sources, frozen, budget)

@@ -62,6 +62,21 @@ def test_two_process_gloo_run_writes_the_outputs_of_one_process_with_one_writer(
     assert tb_steps(two) == [1, 2]
 
 
+def test_two_processes_probe_alike_and_then_fine_tune(data, tmp_path):
+    """The linear probe under torchrun: every process probes on every image, so the heads agree."""
+    import efficientnet_lite
+
+    weights = tmp_path / "lite0.pth"
+    torch.save(efficientnet_lite.imagenet_state_dict(), weights)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "main_EfficientNet_Lite0.py"), "--data", str(data), "--out", str(tmp_path / "runs"),
+                        "--weights", str(weights), "--img-size", "32", "--workers", "0", "--batch-size", "8",
+                        "--epochs", "1", "--probe-epochs", "2", "--unfreeze", "last:1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("linear probe: head trained 2 epochs") == 1 and r.stdout.count("test top-1") == 1
+
+
 def test_sigkill_mid_run_then_resume_auto_ends_like_an_uninterrupted_run(data, tmp_path):
     args = ["--data", data, "--epochs", "3", *TINY]
     full = subprocess.run(cmd(*args, "--out", tmp_path / "full"), cwd=ROOT, capture_output=True, text=True, timeout=300)
