@@ -5,6 +5,7 @@ Everything that depends on the hardware is decided here, from what the hardware 
 (compute capability, native bf16, free memory), so tests can fake those reports.
 """
 import gc
+import inspect
 import os
 import random
 import sys
@@ -20,6 +21,7 @@ from errors import fail
 # A collective that waits longer than this ends the run; the first decode of a large folder by
 # rank 0, while the others wait for it, is the longest legitimate wait.
 DIST_TIMEOUT = timedelta(minutes=15)
+BINDS_DEVICE = "device_id" in inspect.signature(dist.init_process_group).parameters  # torch >= 2.3
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ def init_distributed(device, world):
         return
     if device.type == "cuda":
         # device_id binds the group to this process's GPU (no guessing at the first collective)
-        dist.init_process_group("nccl", timeout=DIST_TIMEOUT, device_id=device)
+        dist.init_process_group("nccl", timeout=DIST_TIMEOUT, **({"device_id": device} if BINDS_DEVICE else {}))
     else:
         dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
 
