@@ -85,11 +85,6 @@ def all_reduce(tensor):
     return tensor
 
 
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 @contextmanager
 def on_every_rank(world):
     """Run a block on every rank and meet at its end; if it fails on one rank, it fails on all.
@@ -242,10 +237,6 @@ class MemoryBudget:
 
     def release(self, name):
         self.held.pop(name, None)
-
-
-def is_out_of_memory(e):
-    return isinstance(e, torch.OutOfMemoryError)
 
 
 def free_cached_memory():

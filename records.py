@@ -54,10 +54,6 @@ def write_json(path, obj):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
 
-def write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 def load_json(path):
     """The parsed file, or None when it is missing or not JSON."""
     try:
