@@ -182,7 +182,8 @@ def evaluate(model, loader, criterion, device, dtype, num_classes, mistakes=0):
     totals = all_reduce(torch.stack([loss_sum, top5.double() if top5 is not None else loss_sum * 0]))
     m = metrics_from_confusion(confusion.cpu(), loss_sum=totals[0].item(),
                                top5=None if top5 is None else totals[1].item())
-    m["mistakes"] = sorted(devices.gather_lists(wrong), key=lambda t: -t[3])[:mistakes]
+    # every process passes the same `mistakes`, so all or none of them gather
+    m["mistakes"] = sorted(devices.gather_lists(wrong), key=lambda t: -t[3])[:mistakes] if mistakes else []
     return m
 
 

@@ -34,7 +34,6 @@ Rules:
 import csv
 import io
 import itertools
-import json
 import math
 import os
 import re

@@ -25,11 +25,9 @@ from records import load_checkpoint, save_checkpoint
 
 @dataclass
 class Frozen:
-    """A network cut in two: `part` runs once per image (evaluation mode), `rest` trains on its
-    outputs; batches: split name -> CachedBatches (None for an empty split)."""
-    part: nn.Module
+    """A network cut in two: its frozen part ran once per image; `rest` trains on those outputs.
+    batches: split name -> CachedBatches (None for an empty split)."""
     rest: nn.Module
-    what: str
     batches: dict
 
 
@@ -142,18 +140,18 @@ def features_path(config, split, samples, dtype):
     return cache / f"features-{config['arch']}-{split}-{key.hexdigest()[:16]}.pt"
 
 
-def features_before_head(part, split, batches, n, device, dtype, path=None):
-    """(features, labels) of one split before the head, from `path` when it holds them."""
-    if path is not None and path.is_file():
+def features_before_head(part, split, batches, n, device, dtype, path):
+    """(features, labels) of one split before the head, from `path` when it holds them, else
+    computed and kept there."""
+    if path.is_file():
         obj = load_checkpoint(path)
         return obj["features"].to(device), obj["labels"].to(device)
     t = time.perf_counter()
     f, y = outputs_of(part, batches, n, device, dtype, as_float=True)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, {"features": f.cpu(), "labels": y.cpu()})
-    print(f"{split}: features of {n} images computed in {time.perf_counter() - t:.1f} s"
-          + (f" (cached in {path})" if path is not None else ""), flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {"features": f.cpu(), "labels": y.cpu()})
+    print(f"{split}: features of {n} images computed in {time.perf_counter() - t:.1f} s (cached in {path})",
+          flush=True)
     return f, y
 
 
@@ -186,7 +184,7 @@ def frozen_prefix(model, bn_stats, sources, served, side, device, dtype, budget)
     print(f"frozen {what}: outputs of {n} images ({'x'.join(map(str, one.shape[1:]))}, "
           f"{str(one.dtype).replace('torch.', '')}, {need / 2**20:.0f} MiB) computed once in "
           f"{time.perf_counter() - t:.1f} s; training runs the rest on them", flush=True)
-    return Frozen(part=prefix, rest=rest, what=what, batches=batches)
+    return Frozen(rest=rest, batches=batches)
 
 
 def head_features(model, config, sources, served, device, dtype, budget, frozen=None):
@@ -205,4 +203,4 @@ def head_features(model, config, sources, served, device, dtype, budget, frozen=
         f, _ = features_before_head(body, split, inputs, len(src.samples), device, dtype, path)
         budget.hold("features", f.numel() * f.element_size())
         batches[split] = CachedBatches(served[split], f)
-    return Frozen(part=backbone, rest=head, what="the backbone", batches=batches)
+    return Frozen(rest=head, batches=batches)

@@ -124,10 +124,10 @@ def topk(model, batch, k):
     return probs.topk(min(k, probs.shape[1]), dim=1)
 
 
-def grad_cam(model, arch, batch, target):
+def grad_cam(model, batch, target):
     """Grad-CAM (Selvaraju et al., 2017) on the last backbone stage: where the network looked for
     class target[i] in image i. -> [n, H, W] maps in [0, 1] at the input's size."""
-    layer = model.get_submodule(nets.ARCHS[arch].stages[-1][-1])
+    layer = nets.forward_sequence(model)[-4]  # the last stage, before pooling, flatten and the head
     seen = {}
     hook = layer.register_forward_hook(lambda m, i, o: seen.setdefault("a", o))
     try:
@@ -168,8 +168,8 @@ def predict_paths(model, classes, preprocess, paths, *, device, batch_size=32, k
 
     Images are decoded one batch at a time, so memory stays bounded on a large folder.
     on_skip(path, reason) is called for each unreadable file (default: ignore it).
-    explain: (arch, folder): also a Grad-CAM map of the top class per image, saved there as PNG
-    (its path under the result's "gradcam").
+    explain: a folder: also a Grad-CAM map of the top class per image, saved there as PNG (its
+    path under the result's "gradcam").
     """
     transform = build_transform(preprocess)
     model.eval()
@@ -187,11 +187,11 @@ def predict_paths(model, classes, preprocess, paths, *, device, batch_size=32, k
             continue
         batch = torch.stack(tensors).to(device)
         probs, idx = topk(model, batch, k)
-        cams = grad_cam(model, explain[0], batch, idx[:, 0]) if explain else None
+        cams = grad_cam(model, batch, idx[:, 0]) if explain else None
         for n, (path, p_row, i_row) in enumerate(zip(kept, probs.tolist(), idx.tolist())):
             result = {"image": path, "top5": [{"class": classes[i], "prob": p} for p, i in zip(p_row, i_row)]}
             if explain:
-                out = explain_path(explain[1], path, taken)
+                out = explain_path(explain, path, taken)
                 save_overlay(out, batch[n], cams[n], preprocess)
                 result["gradcam"] = str(out)
             yield result
@@ -235,10 +235,9 @@ def main(argv=None):
     except PredictError as e:
         raise SystemExit(f"error: {e}")
     model.to(device)
-    explain = None
-    if args.explain:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        explain = (records.load_checkpoint(args.checkpoint)["arch"], args.out)
+    explain = args.out if args.explain else None
+    if explain:
+        Path(explain).mkdir(parents=True, exist_ok=True)
     paths, problems = find_images(args.images)
     skipped = []
 
