@@ -7,6 +7,7 @@ and torchrun reuse it. The layers below (DESIGN.md): nets (architectures, freezi
 split and the validation carve), devices (hardware, precision, memory), records (files), pipeline
 (decode cache and augmentation), features (the frozen part run once), options (the parser).
 """
+import functools
 import math
 import sys
 import time
@@ -19,14 +20,15 @@ import torch.nn as nn
 import devices
 import experiments
 import features
+import identity
 import pipeline
 import records
 from errors import fail, oom_message
-from options import describe_differences, differing_options, given_options
+from options import RESOLVED, given_options
 from records import CheckpointError
 # What a script, a notebook or a test reaches through common, the one module they import: the
 # data set, the networks and freezing, the options and the device helpers (owned by the modules named).
-from data import IMG_EXTENSIONS, carve_validation, limit_per_class, scan_split  # noqa: F401
+from data import IMG_EXTENSIONS, carve_validation, limit_per_class, read_data, scan_split  # noqa: F401
 from devices import all_reduce, autocast, pick_device, resolve_precision  # noqa: F401
 from nets import (ARCHS, build_model, forward_sequence, freeze, make_preprocess, param_groups,  # noqa: F401
                   parse_unfreeze, preprocess_dict, set_train_mode, weights_preprocess)
@@ -40,11 +42,7 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "config", "classe
 # --------------------------------------------------------------------------------------------
 def prepare_data(config):
     """-> classes, {train, val, test: samples}, after the limit and the validation carve."""
-    classes, train, test = scan_split(config["data"])
-    train = limit_per_class(train, config["limit_per_class"])
-    test = limit_per_class(test, config["limit_per_class"])
-    train, val = carve_validation(train, classes, config["val_fraction"], config["split_seed"])
-    return classes, {"train": train, "val": val, "test": test}
+    return read_data(config)[:2]
 
 
 def loader_options(config, device, rank=0, world=1, tensor_path=None):
@@ -254,6 +252,8 @@ class Run:
     classes: list
     splits: dict  # train, val, test -> samples
     model: nn.Module  # the plain network: checkpoints hold its state dict, never a wrapper's
+    lock: records.FolderLock  # held by rank 0 while the run writes its folder
+    defaults: dict | None  # the script's default config: the header names what differs
 
 
 @dataclass
@@ -265,34 +265,74 @@ class Progress:
     images_trained: int = 0
 
 
-def start_run(config):
-    """Device and processes, the checkpoint to resume, the data and the network, in that order."""
+def start_run(config, defaults=None):
+    """Device and processes, the data, the run folder (locked), the checkpoint to resume and the
+    network, in that order. The config it holds records the run's identity. Under torchrun a
+    failure here, on any rank, fails on every rank at the same point (they can all go on)."""
     rank, world, local_rank = devices.torchrun_env()
     device = devices.pick_device(config["device"], local_rank, world)  # current device before the group
     devices.init_distributed(device, world)
-    dtype = devices.resolve_precision(config["precision"], device)
-    speed = devices.speed_settings(device, dtype, config["deterministic"])
-    run_dir = run_dir_of(config)
-    ckpt = resumed_checkpoint(config, run_dir)
-    classes, splits = prepare_data(config)
-    if ckpt is not None and ckpt["classes"] != classes:
-        fail(f"--resume: the run's {len(ckpt['classes'])} classes differ from the {len(classes)} in {config['data']}")
-    if len(splits["train"]) < 2 * world:
-        fail(f"{len(splits['train'])} training image(s) after the validation carve: too few for one batch of 2 "
-             f"per process (lower --val-fraction, raise --limit-per-class, or add images)")
+    lock = None
+    try:
+        with devices.on_every_rank(world):
+            dtype = devices.resolve_precision(config["precision"], device)
+            speed = devices.speed_settings(device, dtype, config["deterministic"])
+            classes, splits, data_id = read_data(config)
+            if len(splits["train"]) < 2 * world:
+                fail(f"{len(splits['train'])} training image(s) after the validation carve: too few for one batch "
+                     f"of 2 per process (lower --val-fraction, raise --limit-per-class, or add images)")
+            compute_id = identity.compute_identity(world, config["batch_size"], devices.precision_name(dtype),
+                                                   device.type)
+            config = dict(config, identity={"data": data_id, "compute": compute_id})
+            run_dir = run_folder(config)
+            lock = records.FolderLock(run_dir)
+            if rank == 0:  # rank 0 writes for the run
+                take_lock(lock)
+            ckpt = resumed_checkpoint(config, run_dir, classes)
+            model = build_network(config, len(classes), ckpt, device, rank, world)
+    except BaseException:
+        if lock is not None:
+            lock.release()  # a run that does not start leaves its folder free
+        raise
+    return Run(config, rank, world, device, dtype, speed, run_dir, ckpt, classes, splits, model, lock, defaults)
+
+
+def build_network(config, num_classes, ckpt, device, rank, world):
+    """The network, frozen as asked, on its device: initialised from --seed (the same on every rank),
+    or the checkpoint's weights; then each rank's own generator for dropout."""
     devices.seed_everything(config["seed"])
-    model = build_model(config["arch"], len(classes), "none" if ckpt else config["weights"])
+    model = build_model(config["arch"], num_classes, "none" if ckpt else config["weights"])
     freeze(model, config["arch"], parse_unfreeze(config["unfreeze"], config["arch"]))
     model.to(device=device, memory_format=torch.channels_last)
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    return Run(config, rank, world, device, dtype, speed, run_dir, ckpt, classes, splits, model)
+    devices.seed_rank(config["seed"], rank, world)
+    return model
 
 
-def resumed_checkpoint(config, run_dir):
-    """The checkpoint this run continues from (None: a fresh run), refused when its options differ."""
+def take_lock(lock):
+    """lock.acquire(), or the one line that names the folder and the process holding it."""
+    try:
+        return lock.acquire()
+    except records.FolderBusy as e:
+        fail(str(e))
+
+
+def run_folder(config):
+    """The folder a run writes in: its options' folder; with --resume PATH, that checkpoint's own."""
     r = config["resume"]
-    path = run_dir / "last.pth" if r == "auto" else Path(r) if r else None
+    if r in (None, "auto"):
+        return run_dir_of(config)
+    if Path(r).name != "last.pth":
+        fail(f"--resume {r}: give a run's last.pth (it continues that run in its own folder), or auto")
+    return Path(r).parent
+
+
+def resumed_checkpoint(config, run_dir, classes):
+    """The checkpoint this run continues from (None: a fresh run), refused when its options, its
+    data or how it computed differ (identity.check_same_run)."""
+    r = config["resume"]
+    path = run_dir / "last.pth" if r is not None else None
     if path is None or (r == "auto" and not path.is_file()):
         if r is None and (run_dir / "last.pth").exists():
             fail(f"{run_dir} already holds a run; pass --resume auto to continue it or --name NEW for a new one")
@@ -301,10 +341,10 @@ def resumed_checkpoint(config, run_dir):
         ckpt = records.load_checkpoint(path, CHECKPOINT_KEYS)
     except CheckpointError as e:
         fail(f"--resume {e}")
-    diff = differing_options(ckpt["config"], config)
-    if diff:
-        fail(f"--resume {path}: the run was made with other options: {describe_differences(diff)} "
-             f"(give the run's options, or --name NEW for a new run)")
+    identity.check_same_run(ckpt["config"], config, f"--resume {path}: the run was made with other options or data",
+                            "give the run's options and data, or --name NEW for a new run")
+    if ckpt["classes"] != classes:
+        fail(f"--resume: the run's {len(ckpt['classes'])} classes differ from the {len(classes)} in {config['data']}")
     return ckpt
 
 
@@ -382,7 +422,7 @@ def linear_probe(run, loaders, sources, frozen, budget):
     gradients into the pretrained stages. The best head on validation stays in the model."""
     c = run.config
     served = loaders
-    if run.world > 1:  # each process probes alike on every image, so every process has the same head
+    if run.world > 1:  # each process probes alike on every image (one computes the features), so all have one head
         solo = loader_options(c, run.device)
         train, val = run.splits["train"], run.splits["val"]
         sources = {"train": make_loader(train, solo, train=False, augment="none", batch_size=c["batch_size"]),
@@ -390,7 +430,9 @@ def linear_probe(run, loaders, sources, frozen, budget):
         served = {"train": make_loader(train, solo, train=True, augment="none", batch_size=c["batch_size"]),
                   "val": sources["val"]}
     sources = {"train": sources["train"], "val": sources["val"]}
-    feats = features.head_features(run.model, c, sources, served, run.device, run.dtype, budget, frozen)
+    # rank 0 computes the features and writes their file; the other ranks read it
+    feats = rank0_first(run, lambda: features.head_features(run.model, c, sources, served, run.device, run.dtype,
+                                                            budget, frozen))
     head = feats.rest
     # a fresh linear layer alone takes a head-only rate; --lr is then the fine-tuning rate of a trained head
     optimizer = torch.optim.AdamW(param_groups(run.model, c["arch"], 10 * c["lr"], c["weight_decay"], 1.0,
@@ -427,7 +469,7 @@ def trained_net(run, loaders, frozen):
         net, batches = frozen.rest, frozen.batches
     # the head alone on features is small: low precision would buy nothing there
     dtype = None if head_only(run.config, run.world) else run.dtype
-    if torch.distributed.is_initialized():
+    if devices.distributed():
         net = nn.parallel.DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda"
                                                   else None)
     if run.config["compile"]:
@@ -454,14 +496,15 @@ def make_optimizer(run, steps_per_epoch):
     return (optimizer, scheduler, scaler), progress
 
 
-def checkpoint_state(run, optim, progress, epoch):
+def checkpoint_state(run, optim, progress, epoch, rng):
+    """What best.pth and last.pth hold; rng: devices.rng_state, taken on every rank."""
     optimizer, scheduler, scaler = optim
     c = run.config
     return {"model": run.model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "config": c, "classes": run.classes,
             "arch": c["arch"], "preprocess": preprocess_dict(make_preprocess(c["arch"], c["img_size"], c["crop_mode"])),
             "best": progress.best, "train_seconds": progress.train_seconds,
-            "images_trained": progress.images_trained, **devices.rng_state(run.device)}
+            "images_trained": progress.images_trained, **rng}
 
 
 def open_records(run):
@@ -477,17 +520,35 @@ def open_records(run):
 
 
 def print_header(run):
-    import json
-
+    """A few lines: the run folder, what is trained, on what data, on what hardware and in which
+    precision, and the options that differ from the script's defaults (config.json has them all)."""
+    c, s = run.config, run.splits
     n_train = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in run.model.parameters())
-    s = run.splits
     on = lambda flag: "on" if flag else "off"
-    print(json.dumps(run.config, indent=1, default=str), flush=True)
-    print(f"run {run.run_dir}: {len(run.classes)} classes, {len(s['train'])} train / {len(s['val'])} val / "
-          f"{len(s['test'])} test images; training {n_train / 1e6:.2f} M of {n_all / 1e6:.2f} M parameters on "
-          f"{run.device} ({devices.precision_name(run.dtype)}, cudnn.benchmark {on(run.speed['cudnn_benchmark'])}, "
-          f"tf32 {on(run.speed['tf32'])})", flush=True)
+    start = f"resumed at epoch {run.ckpt['epoch'] + 1}" if run.ckpt else "new"
+    ident = c["identity"]
+    print(f"run {run.run_dir} ({start})\n"
+          f"  training {c['unfreeze']}: {n_train / 1e6:.2f} M of {n_all / 1e6:.2f} M parameters of {c['arch']}, "
+          f"{c['weights']} weights\n"
+          f"  data {c['data']} (split {ident['data']['split'][:12]}): {len(run.classes)} classes, "
+          f"{len(s['train'])} train / {len(s['val'])} val / {len(s['test'])} test images\n"
+          f"  on {run.device}: {run.world} process(es), {torch.get_num_threads()} thread(s), "
+          f"{devices.precision_name(run.dtype)} (cudnn.benchmark {on(run.speed['cudnn_benchmark'])}, "
+          f"tf32 {on(run.speed['tf32'])}), global batch {ident['compute']['global_batch']}", flush=True)
+    changed = options_changed(c, run.defaults)
+    if changed:
+        print(f"  options: {changed} (all in config.json)", flush=True)
+
+
+def options_changed(config, defaults):
+    """'--epochs 3 --img-size 64': the options whose value differs from `defaults` (the script's
+    defaults resolved as a config); '' without defaults."""
+    if not defaults:
+        return ""
+    skip = set(RESOLVED) | {"script"}
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in config.items()
+                    if k not in skip and k in defaults and v != defaults[k] and v is not False)
 
 
 def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
@@ -495,40 +556,41 @@ def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
     c = run.config
     optimizer, scheduler, scaler = optim
     criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])
-    if run.ckpt:
-        devices.set_rng_state(run.ckpt, run.device)  # dropout draws continue as if never interrupted
+    if run.ckpt:  # dropout draws continue as if never interrupted, each rank's its own
+        devices.set_rng_state(run.ckpt, run.device, run.rank)
     for epoch in range(progress.start_epoch, last_epoch + 1):
-        with devices.on_every_rank(run.world):
-            batches["train"].set_epoch(epoch)
-            try:
-                tm = train_one_epoch(net, batches["train"], optimizer, scheduler, criterion, run.device, dtype,
-                                     epoch=epoch, scaler=scaler, progress=run.rank == 0, bn_stats=c["bn_stats"])
-            except NonFiniteLoss as e:
-                fail(str(e))
-            progress.train_seconds += tm["seconds"]
-            progress.images_trained += tm["images"]
-            vm = evaluate(net, batches["val"], criterion, run.device, dtype, len(run.classes)) \
-                if batches["val"] is not None else None
-            improved = vm is None or improves(vm, progress.best)
-            if improved:
-                progress.best = best_record(vm, epoch)
-            if writer is not None:
-                records.log_epoch(writer, epoch, tm, vm, [g["lr"] for g in optimizer.param_groups], c["epochs"])
-                if improved:  # best before last: wherever a kill lands, a last.pth has its best.pth
-                    records.save_checkpoint(run.run_dir / "best.pth", checkpoint_state(run, optim, progress, epoch))
-                records.save_checkpoint(run.run_dir / "last.pth", checkpoint_state(run, optim, progress, epoch))
+        batches["train"].set_epoch(epoch)
+        try:
+            tm = train_one_epoch(net, batches["train"], optimizer, scheduler, criterion, run.device, dtype,
+                                 epoch=epoch, scaler=scaler, progress=run.rank == 0, bn_stats=c["bn_stats"])
+        except NonFiniteLoss as e:
+            fail(str(e))
+        progress.train_seconds += tm["seconds"]
+        progress.images_trained += tm["images"]
+        vm = evaluate(net, batches["val"], criterion, run.device, dtype, len(run.classes)) \
+            if batches["val"] is not None else None
+        improved = vm is None or improves(vm, progress.best)
+        if improved:
+            progress.best = best_record(vm, epoch)
+        rng = devices.rng_state(run.device, run.world)  # every rank's generators: a collective
+        if writer is not None:
+            records.log_epoch(writer, epoch, tm, vm, [g["lr"] for g in optimizer.param_groups], c["epochs"])
+            state = checkpoint_state(run, optim, progress, epoch, rng)
+            if improved:  # best before last: wherever a kill lands, a last.pth has its best.pth
+                records.save_checkpoint(run.run_dir / "best.pth", state)
+            records.save_checkpoint(run.run_dir / "last.pth", state)
     return progress
 
 
 def test_pass(run, net, batches, loaders, progress, dtype, writer):
     """The test set is seen once, with the best-on-validation weights: it decides nothing."""
     c = run.config
-    with devices.on_every_rank(run.world):  # every rank reads best.pth once rank 0 has written it
-        best = records.load_checkpoint(run.run_dir / "best.pth", CHECKPOINT_KEYS)
-        run.model.load_state_dict(best["model"])
-        criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])
-        test_m = evaluate(net, batches["test"], criterion, run.device, dtype, len(run.classes),
-                          mistakes=records.MISTAKES_SHOWN)
+    devices.barrier()  # every rank reads best.pth once rank 0 has written it
+    best = records.load_checkpoint(run.run_dir / "best.pth", CHECKPOINT_KEYS)
+    run.model.load_state_dict(best["model"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])
+    test_m = evaluate(net, batches["test"], criterion, run.device, dtype, len(run.classes),
+                      mistakes=records.MISTAKES_SHOWN)
     metrics = final_metrics(test_m, progress, c, run.world)
     if writer is not None:
         images = [evaluated_image(loaders["test"], i) for i, *_ in test_m["mistakes"]]
@@ -551,23 +613,34 @@ def final_metrics(test_m, progress, config, world):
             "train_images_per_s": round(progress.images_trained / max(secs, 1e-9), 1), "processes": world}
 
 
-def fit(config, stop_after=None, *, resident=None):
+def fit(config, stop_after=None, *, resident=None, defaults=None):
     """Train one run; write config.json, events, last.pth, best.pth, metrics.json; return the metrics.
 
     stop_after: stop after this epoch without the test evaluation (successive halving); a later
     call with resume continues the same schedule. resident: None lets the run's memory budget
     decide which decode caches live in device memory; True/False forces it (tests, on the CPU).
+    defaults: the script's default config, for the header's list of changed options.
     Out of memory anywhere in the run ends in one line that names --batch-size.
     """
+    rank, world, _ = devices.torchrun_env()
+    with devices.one_fails_all(world, rank):
+        try:
+            return _fit(config, stop_after, resident, defaults)
+        except torch.OutOfMemoryError:
+            devices.free_cached_memory()
+            fail(oom_message(config["batch_size"]))
+
+
+def _fit(config, stop_after, resident, defaults):
+    run = start_run(config, defaults)
     try:
-        return _fit(config, stop_after, resident)
-    except torch.OutOfMemoryError:
-        devices.free_cached_memory()
-        fail(oom_message(config["batch_size"]))
+        return train_and_test(run, stop_after, resident)
+    finally:
+        run.lock.release()
 
 
-def _fit(config, stop_after, resident):
-    run = start_run(config)
+def train_and_test(run, stop_after, resident):
+    config = run.config
     budget = devices.MemoryBudget(devices.memory_limit(run.device))
     loaders, options = build_loaders(run, budget, resident)
     sources = eval_sources(run, loaders, options) if frozen_wanted(run) or (probe_wanted(run) and run.world == 1) \
@@ -596,6 +669,14 @@ def main(defaults, grid, argv=None, script=None):
     pipeline.keep_freed_memory()  # batches and activations reuse freed heap pages instead of faulting new ones
     args = get_args_parser(defaults).parse_args(argv)
     config = resolve_config(args, defaults, script)
-    if config["grid"] or config["grid_spec"] or config["compare"] or config["halving"]:
-        return experiments.run(config, grid, given_options(defaults, argv), fit)
-    return fit(config)
+    # the header names the options that differ from these
+    run_fit = functools.partial(fit, defaults=resolve_config(get_args_parser(defaults).parse_args([]), defaults,
+                                                             script))
+    try:
+        if config["grid"] or config["grid_spec"] or config["compare"] or config["halving"]:
+            return experiments.run(config, grid, given_options(defaults, argv), run_fit)
+        if config["parallel"]:
+            fail("--parallel applies to --grid, --grid-spec and --compare; a single run under torchrun is DDP")
+        return run_fit(config)
+    finally:
+        devices.close_distributed()

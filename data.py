@@ -89,3 +89,53 @@ def carve_validation(samples, classes, fraction, split_seed):
         for i, s in enumerate(group):
             (val if i in chosen else train).append(s)
     return train, val
+
+
+# --------------------------------------------------------------------------------------------
+# What a run saw: the data's identity (identity.py compares it).
+# --------------------------------------------------------------------------------------------
+def digest(obj, n=12):
+    """A short SHA-256 of a JSON-able object: enough to tell files and splits apart, short to print."""
+    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode("utf-8")).hexdigest()[:n]
+
+
+def relative(path, data_dir):
+    return Path(path).relative_to(data_dir).as_posix()
+
+
+def class_files(samples, classes, data_dir, side):
+    """{side/<class>: [image count, digest of (name, bytes) of its files]}: names what changed in a
+    class folder. Sizes, not times: a copied folder keeps its identity on another machine."""
+    groups = {}
+    for path, label in samples:
+        groups.setdefault(classes[label], []).append((Path(path).name, Path(path).stat().st_size))
+    return {f"{side}/{c}": [len(files), digest(sorted(files))] for c, files in sorted(groups.items())}
+
+
+def split_fingerprint(classes, train, test):
+    """SHA-256 of the class list and both relative file lists: one string that names the split
+    (split.json records it; a run records it of the files it found)."""
+    blob = json.dumps({"classes": classes, "train": train, "test": test}, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def data_identity(data_dir, classes, train, test, val):
+    """The split in data_dir (split_data.py's fingerprint formula over the files on disk, so it
+    equals split.json's while nothing was changed by hand), each class folder's files, and the
+    validation carve. train, test: every image of the folder (before --limit-per-class); val: the
+    carve this run holds out."""
+    data_dir = Path(data_dir)
+    rel = lambda samples: [relative(p, data_dir) for p, _ in samples]
+    return {"split": split_fingerprint(classes, rel(train), rel(test)),
+            "carve": digest(sorted(rel(val))),
+            "files": {**class_files(train, classes, data_dir, "train"), **class_files(test, classes, data_dir, "test")}}
+
+
+def read_data(config):
+    """-> classes, {train, val, test: samples} after --limit-per-class and the validation carve, and
+    the data's identity."""
+    classes, train, test = scan_split(config["data"])
+    fitting, val = carve_validation(limit_per_class(train, config["limit_per_class"]), classes,
+                                    config["val_fraction"], config["split_seed"])
+    ident = data_identity(config["data"], classes, train, test, val)
+    return classes, {"train": fitting, "val": val, "test": limit_per_class(test, config["limit_per_class"])}, ident

@@ -5,10 +5,12 @@ Everything that depends on the hardware is decided here, from what the hardware 
 (compute capability, native bf16, free memory), so tests can fake those reports.
 """
 import gc
+import hashlib
 import inspect
 import os
 import random
 import sys
+import traceback
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -27,12 +29,34 @@ BINDS_DEVICE = "device_id" in inspect.signature(dist.init_process_group).paramet
 # --------------------------------------------------------------------------------------------
 # Devices and torchrun.
 # --------------------------------------------------------------------------------------------
+_alone = [False]  # inside alone(): this process trains by itself, whatever torchrun started
+
+
+@contextmanager
+def alone():
+    """A block in which this torchrun process trains a run by itself (a grid trial in --parallel
+    trials): rank 0 of 1, no DDP, and no collective over the group the grid coordinates through."""
+    before, _alone[0] = _alone[0], True
+    try:
+        yield
+    finally:
+        _alone[0] = before
+
+
 def torchrun_env():
-    """-> (rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) outside torchrun."""
+    """-> (rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) outside torchrun, and
+    (0, 1, LOCAL_RANK) inside alone()."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if _alone[0]:
+        return 0, 1, int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1:
         return 0, 1, 0
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def distributed():
+    """True when collectives reach other processes (a torchrun group, outside alone())."""
+    return not _alone[0] and dist.is_available() and dist.is_initialized()
 
 
 def pick_device(spec, local_rank=0, world=1):
@@ -78,19 +102,66 @@ def init_distributed(device, world):
         dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
 
 
+def cpu_share():
+    """This process's share of the machine's cores: all of them over the processes torchrun started
+    on this machine, unless OMP_NUM_THREADS asks for more than torchrun's default of 1."""
+    asked = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if asked > 1:
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def start_trials_group():
+    """--parallel trials under torchrun: a CPU (gloo) group that only coordinates, so it never
+    waits on a GPU stream; this process computes on cuda:(LOCAL_RANK mod the GPU count), so several
+    processes can share one large GPU, and uses its share of the CPU cores. -> its thread count."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    torch.set_num_threads(cpu_share())
+    return torch.get_num_threads()
+
+
+def group_store():
+    """The key-value store torchrun's group already has (no new server): grid trials are handed
+    out through its atomic add."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def broadcast(obj):
+    """Rank 0's object on every process (the object itself in a single process)."""
+    if not distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce(tensor):
     """Sum across torchrun processes (a no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(tensor)
     return tensor
 
 
+def error_line(error):
+    """An exception's one line: fit()'s own message without 'error: ', else its text or type."""
+    text = str(getattr(error, "code", None) or error) or type(error).__name__
+    return text.removeprefix("error: ").strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+class RanksFailed(SystemExit):
+    """A block failed on some rank, and every rank raises this at the same point (on_every_rank),
+    so that all of them can go on together (a DDP grid records the trial as failed)."""
+
+
 @contextmanager
 def on_every_rank(world):
-    """Run a block on every rank and meet at its end; if it fails on one rank, it fails on all.
-
-    Without it, a rank that stops before a barrier (bad data, out of memory, a grid trial's
-    error) leaves the others waiting there until the timeout.
+    """Run a block on every rank and meet at its end; if it fails on one rank, it fails on all,
+    with RanksFailed. The block must hold no collective: a rank that fails before one would leave
+    the others waiting in it.
     """
     error = None
     try:
@@ -98,15 +169,48 @@ def on_every_rank(world):
     except (Exception, SystemExit) as e:  # KeyboardInterrupt still ends the process at once
         error = e
     if world > 1:
-        text = None if error is None else str(getattr(error, "code", None) or error) or type(error).__name__
         texts = [None] * world
-        dist.all_gather_object(texts, text)
+        dist.all_gather_object(texts, None if error is None else error_line(error))
         failed = [(r, t) for r, t in enumerate(texts) if t is not None]
-        if failed and error is None:
+        if error is not None:  # its own line; a traceback where it was no one-line error
+            if not isinstance(error, SystemExit):
+                traceback.print_exception(error)
+            raise RanksFailed(f"error: {texts[dist.get_rank()]}") from error
+        if failed:
             r, t = failed[0]
-            fail(f"process {r} of {world} failed: {str(t).removeprefix('error: ')}")
+            raise RanksFailed(f"error: process {r} of {world} failed: {t}")
     if error is not None:
         raise error
+
+
+@contextmanager
+def one_fails_all(world, rank):
+    """Code that holds collectives (DDP's all-reduce, all_reduce, gathers): a rank that fails there
+    cannot meet the others, who would wait in a collective until the timeout. It prints its one
+    line and ends its process at once; torchrun then ends the group (and restarts it, with
+    --max-restarts). Failures already agreed by every rank (RanksFailed) pass through."""
+    try:
+        yield
+    except RanksFailed:
+        raise
+    except (Exception, SystemExit) as e:
+        if world <= 1:
+            raise
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+        print(f"error: process {rank} of {world}: {error_line(e)}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def barrier():
+    if distributed():
+        dist.barrier()
+
+
+def close_distributed():
+    """The end of a torchrun process: leave the group cleanly (recent torch warns otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +229,7 @@ def gpu_has_native_bf16(device):
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def resolve_precision(precision, device):
+def resolve_precision(precision, device, warn=True):
     """--precision -> the autocast dtype, or None for fp32.
 
     auto: bf16 on GPUs of compute capability >= 8.0, fp16 (with a GradScaler) below; on the CPU
@@ -136,12 +240,12 @@ def resolve_precision(precision, device):
             precision = "bf16" if gpu_has_native_bf16(device) else "fp16"
         else:
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    elif precision == "bf16" and device.type == "cuda" and not gpu_has_native_bf16(device):
+    elif precision == "bf16" and warn and device.type == "cuda" and not gpu_has_native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
         print(f"warning: --precision bf16 on {torch.cuda.get_device_name(device)} (compute capability "
               f"{major}.{minor}) has no bf16 tensor cores: slow or unsupported kernels; --precision auto "
               f"picks fp16 there", file=sys.stderr, flush=True)
-    elif precision == "fp16" and device.type == "cpu":
+    elif precision == "fp16" and warn and device.type == "cpu":
         print("warning: --precision fp16 on the CPU runs slowly and exists to check the fp16 path; "
               "use bf16 or fp32 there", file=sys.stderr, flush=True)
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -178,25 +282,36 @@ def speed_settings(device, dtype, deterministic):
 # --------------------------------------------------------------------------------------------
 # Random state: seeds, and what a checkpoint keeps so a resumed run draws the same numbers.
 # --------------------------------------------------------------------------------------------
-def seed_everything(seed, rank=0):
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)  # seeds every CUDA device too
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def rng_state(device):
-    """torch's generators: the CPU one, and every CUDA device's when the run uses CUDA."""
+def seed_rank(seed, rank, world):
+    """After the network is built (the same initial weights on every rank): each rank of a DDP run
+    draws its own dropout and stochastic-depth masks. One process keeps its generator as it is."""
+    if world > 1:
+        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/rank{rank}".encode()).digest()[:8], "big"))
+
+
+def rng_state(device, world=1):
+    """torch's generators: the CPU one, and every CUDA device's when the run uses CUDA. Under
+    torchrun (a collective) every rank's, in rank order, as "rank_rng"."""
     state = {"rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if world > 1:
+        return {"rank_rng": gather_lists([state])}
     return state
 
 
-def set_rng_state(ckpt, device):
-    if ckpt.get("rng") is not None:
-        torch.set_rng_state(ckpt["rng"])
-    if device.type == "cuda" and ckpt.get("cuda_rng"):
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+def set_rng_state(ckpt, device, rank=0):
+    state = ckpt["rank_rng"][rank] if ckpt.get("rank_rng") else ckpt
+    if state.get("rng") is not None:
+        torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +363,7 @@ def free_cached_memory():
 
 def gather_lists(items):
     """Every process's list, concatenated in rank order (the list itself in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return list(items)
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, list(items))

@@ -38,15 +38,17 @@ import math
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
 import devices
-from data import scan_split
+import identity
+from data import read_data, scan_split
 from errors import fail
 from nets import parse_unfreeze
-from options import check_config, default_run_name, describe_differences, differing_options, run_dir_of, scratch_rules
-from records import atomic_write, load_json, write_hparams, write_json
+from options import check_config, default_run_name, run_dir_of, scratch_rules
+from records import FolderBusy, FolderLock, atomic_write, load_json, write_hparams, write_json
 
 # Options a grid may vary (option names with underscores).
 GRID_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "unfreeze", "img_size", "crop_mode", "backbone_lr_ratio",
@@ -56,7 +58,7 @@ FLOAT_KEYS = ("lr", "weight_decay", "backbone_lr_ratio", "label_smoothing", "val
 # The original table's columns (model .. Top@1), then ours. Top@1 is test top-1.
 RESULT_COLUMNS = ("model", "batch_size", "epochs", "lr", "weight_decay", "strategy", "Top@1", "val_top1", "test_top5",
                   "mean_class_acc", "minutes", "weights", "status", "run", "error")
-SINGLE_RUN_ONLY = dict(grid=False, grid_spec=None, compare=False, halving=0, resume="auto")
+SINGLE_RUN_ONLY = dict(grid=False, grid_spec=None, compare=False, halving=0, resume="auto", parallel=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,16 +142,28 @@ def place(c, out, script, group, name):
     return dict(c, **SINGLE_RUN_ONLY, out=out, script=f"{script}/{group}", name=name)
 
 
-def check_run_folder(c):
-    """Stop before a finished or half-done run of other options is reused or resumed."""
+def expected_identity(c, processes):
+    """The identity a run of config c would have here: its data now, and how this process computes it."""
+    _, world, local_rank = devices.torchrun_env()
+    device = devices.pick_device(c["device"], local_rank, world)
+    precision = devices.precision_name(devices.resolve_precision(c["precision"], device, warn=False))
+    return {"data": read_data(c)[2],
+            "compute": identity.compute_identity(processes, c["batch_size"], precision, device.type)}
+
+
+def same_run(saved, c, processes):
+    """True when the run saved in a folder (its config.json) is the run c would be here."""
+    return isinstance(saved, dict) and not identity.differences(saved, dict(c, identity=expected_identity(c, processes)))
+
+
+def check_run_folder(c, processes):
+    """Stop before a finished or half-done run of other options, data or computation is reused or resumed."""
     run_dir = run_dir_of(c)
     saved = load_json(run_dir / "config.json")
-    if not isinstance(saved, dict):
-        return
-    diff = differing_options(saved, c)
-    if diff:
-        fail(f"{run_dir} holds a run with other options ({describe_differences(diff)}); "
-             f"pass --name NEW for a new folder, or remove {run_dir.parent}")
+    if isinstance(saved, dict):
+        identity.check_same_run(saved, dict(c, identity=expected_identity(c, processes)),
+                                f"{run_dir} holds a run with other options or data",
+                                f"pass --name NEW for a new folder, or remove {run_dir.parent}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +177,9 @@ def error_text(e):
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def run_trial(fit, t, stop_after=None):
-    """fit(t) that records a failure (an exception, out of memory) instead of ending the grid -> its row."""
+def run_trial(fit, t, stop_after=None, writes=True):
+    """fit(t) that records a failure (an exception, out of memory) instead of ending the grid -> its row.
+    writes: this process writes the trial's folder (rank 0 of a DDP trial; any process in trials mode)."""
     run_dir = run_dir_of(t)
     try:
         m, msg = fit(t, stop_after=stop_after), None
@@ -175,11 +190,11 @@ def run_trial(fit, t, stop_after=None):
     if msg is not None:
         print(f"trial {t['name']} failed: {msg}", file=sys.stderr, flush=True)
         devices.free_cached_memory()  # outside the except block, so the failed trial's tensors can go
-        if is_writer():
+        if writes:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "error.json", {"error": msg, "stop_after": stop_after})
         return row_of(t, None, "failed", error=msg)
-    if is_writer():
+    if writes:
         (run_dir / "error.json").unlink(missing_ok=True)
     if "test_top1" not in m:
         return row_of(t, m, f"stopped at epoch {m['stopped_at']}", val=m["best_val_top1"])
@@ -187,8 +202,113 @@ def run_trial(fit, t, stop_after=None):
 
 
 def is_writer():
-    """Under torchrun only rank 0 writes the tables (every rank trains)."""
+    """Under torchrun only rank 0 writes the tables."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Who trains which trial: every process each trial together, or each process its own trials.
+# --------------------------------------------------------------------------------------------
+class Pool:
+    """One process, or --parallel ddp: every process trains each trial in turn, together (DDP).
+
+    --parallel trials under torchrun: each process takes the next unclaimed trial of a phase from a
+    ticket counter (an atomic add in the key-value store torchrun's group already has), trains it
+    alone, exactly as one process would, and takes the next. At the end of a phase every process
+    meets the others and they share their rows, so all of them decide what comes next (the
+    halving cuts, the winner) from the same numbers. A restart (torchrun --max-restarts) counts
+    tickets afresh; the run folders say what is finished (reused) and what is half done (resumed).
+    """
+
+    def __init__(self, mode, rank, world, key, group):
+        self.mode, self.rank, self.world, self.key, self.group = mode, rank, world, key, group
+        self.phase = 0
+
+    @property
+    def shares_trials(self):
+        return self.mode == "trials" and self.world > 1
+
+    @property
+    def processes_per_trial(self):
+        return 1 if self.mode == "trials" else self.world
+
+    def agreed(self):
+        """A block whose failure on any process fails on every process (no collective inside)."""
+        return devices.on_every_rank(self.world)
+
+    def share(self, obj):
+        """Rank 0's value on every process."""
+        return devices.broadcast(obj)
+
+    def train(self, fit, trials, stop_after=None, after=None, announce=None):
+        """run_trial for each trial -> {name: row}, the same on every process. after(name, row): called
+        as each row comes in where one process sees every row (one process, ddp); announce(t, i): the
+        line printed as trial i starts."""
+        if not self.shares_trials:
+            rows = {}
+            for i, t in enumerate(trials):
+                if announce is not None:
+                    print(announce(t, i), flush=True)
+                rows[t["name"]] = run_trial(fit, t, stop_after, writes=self.rank == 0)
+                if after is not None:
+                    after(t["name"], rows[t["name"]])
+            return rows
+        return self.share_out(fit, trials, stop_after, announce)
+
+    def share_out(self, fit, trials, stop_after, announce):
+        store, key = devices.group_store(), f"{self.key}/phase{self.phase}"
+        self.phase += 1
+        mine = {}
+        while True:
+            i = store.add(f"{key}/taken", 1) - 1
+            if i >= len(trials):
+                break
+            t = trials[i]
+            done = store.add(f"{key}/finished", 0)
+            taken = min(store.add(f"{key}/taken", 0), len(trials))
+            said = announce(t, i) if announce is not None else f"{self.group}: trial {t['name']}"
+            print(f"{said}: process {self.rank} takes it; {done} finished, {taken - done} running, "
+                  f"{len(trials) - taken} pending", flush=True)
+            with devices.alone():
+                mine[t["name"]] = run_trial(fit, t, stop_after, writes=True)
+            store.add(f"{key}/finished", 1)
+        # meet without a collective's timeout: a trial can take hours, and idle processes wait for it
+        store.add(f"{key}/idle", 1)
+        while store.add(f"{key}/idle", 0) < self.world:
+            time.sleep(0.2)
+        parts = devices.gather_lists([mine])
+        return {t["name"]: next(p[t["name"]] for p in parts if t["name"] in p) for t in trials}
+
+
+def make_pool(config, group, root):
+    """The Pool of this command: under torchrun, --parallel trials (the default) or ddp, with its
+    process group started; one process otherwise."""
+    rank, world, local_rank = devices.torchrun_env()
+    if not devices.launched_by_torchrun():
+        return Pool(None, 0, 1, "", group)
+    mode = config["parallel"] or "trials"
+    if mode == "trials":
+        threads = devices.start_trials_group()
+        if rank == 0:
+            print(f"{group}: {world} processes train whole trials side by side (--parallel trials), "
+                  f"{threads} thread(s) each", flush=True)
+    else:
+        devices.init_distributed(devices.pick_device(config["device"], local_rank, world), world)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return Pool(mode, rank, world, f"grid/{root.resolve()}/attempt{attempt}", group)
+
+
+def lock_folder(pool, root):
+    """The grid's or comparison's folder, held by this command as a whole (rank 0 for all of its
+    processes); a second command on it stops at once, naming the holder."""
+    lock = FolderLock(root)
+    with pool.agreed():
+        if pool.rank == 0:
+            try:
+                lock.acquire()
+            except FolderBusy as e:
+                fail(str(e))
+    return lock
 
 
 def row_of(t, m, status, error="", val=None):
@@ -226,13 +346,13 @@ def rank_rows(rows):
 # --------------------------------------------------------------------------------------------
 # Successive halving.
 # --------------------------------------------------------------------------------------------
-def successive_halving(fit, trials, first, rows, root):
+def successive_halving(fit, trials, first, rows, root, pool):
     """Race the trials on validation at rungs first, 2*first, ... epochs (rules: module docstring).
 
     rows (trial name -> row) is updated in place. -> (survivors still to finish, names trained here).
     """
     path = root / "halving.json"
-    state = load_json(path)
+    state = pool.share(load_json(path) if pool.rank == 0 else None)
     scores = state.get("scores", {}) if isinstance(state, dict) else {}  # "rung" -> {trial: val top-1}
     trained = []
     alive = [t for t in trials if rows[t["name"]]["status"] != "failed"]
@@ -240,22 +360,25 @@ def successive_halving(fit, trials, first, rows, root):
     rung = first
     while len(alive) > 1 and rung < max(t["epochs"] for t in alive):
         at = scores.setdefault(str(rung), {})
-        for t in alive:
-            name = t["name"]
-            if name in at:
-                continue  # decided in an earlier run of this grid: replay, do not train
-            if rows[name]["status"] == "done":
-                at[name] = rows[name]["val_top1"]
-            else:
-                print(f"halving: {name} to epoch {min(rung, t['epochs'])}", flush=True)
-                rows[name] = run_trial(fit, t, stop_after=rung)
-                trained.append(name)
-                if rows[name]["status"] == "failed":
-                    continue
-                at[name] = rows[name]["val_top1"]
+        for t in alive:  # decided in an earlier run of this grid, or finished: replay, do not train
+            if t["name"] not in at and rows[t["name"]]["status"] == "done":
+                at[t["name"]] = rows[t["name"]]["val_top1"]
+        todo = [t for t in alive if t["name"] not in at]
+
+        def record(name, row):
+            rows[name] = row
+            trained.append(name)
+            if row["status"] != "failed":
+                at[name] = row["val_top1"]
             if is_writer():
                 write_json(path, {"first": first, "scores": scores})
                 write_results(root, rows.values())
+
+        got = pool.train(fit, todo, stop_after=rung, after=record,
+                         announce=lambda t, i, rung=rung: f"halving: {t['name']} to epoch {min(rung, t['epochs'])}")
+        for name, row in got.items():
+            if name not in trained:
+                record(name, row)
         ranked = sorted((t for t in alive if t["name"] in at), key=lambda t: (-score(at[t["name"]]), order[t["name"]]))
         keep = (len(ranked) + 1) // 2
         for t in ranked[keep:]:
@@ -341,11 +464,12 @@ def write_results(root, rows):
 # --------------------------------------------------------------------------------------------
 # Entry points.
 # --------------------------------------------------------------------------------------------
-def run_grid(fit, config, grid, explicit=(), from_spec=False):
+def run_grid(fit, config, grid, explicit=(), from_spec=False, pool=None):
     """Every trial in OUT/<script>/<group>/<trial>/, ranked on validation, resumable.
 
-    -> (ranked rows, {trial name: trial config}).
+    -> (ranked rows, {trial name: trial config}), the same on every process.
     """
+    pool = pool or Pool(None, 0, 1, "", config["name"] or "grid")
     group = config["name"] or "grid"
     root = Path(config["out"]) / config["script"] / group
     axes = grid_axes(grid, explicit, from_spec)
@@ -356,24 +480,34 @@ def run_grid(fit, config, grid, explicit=(), from_spec=False):
     clash = next((n for n in names if names.count(n) > 1), None)
     if clash:
         fail(f"two grid trials would share the folder {clash} (weights files with the same name?)")
-    for t in trials:
-        check_run_folder(t)
-    rows = {t["name"]: first_row(t) for t in trials}
+    lock = lock_folder(pool, root)
+    rows = None
+    with pool.agreed():  # rank 0 reads the folders; every process then starts from its rows
+        if pool.rank == 0:
+            for t in trials:
+                check_run_folder(t, pool.processes_per_trial)
+            rows = {t["name"]: first_row(t) for t in trials}
+            write_results(root, rows.values())
+    rows = pool.share(rows)
     done = sum(r["status"] == "done" for r in rows.values())
     print(f"{group}: {len(trials)} trials in {root}; {done} finished earlier (reused), {len(trials) - done} to run",
           flush=True)
-    write_results(root, rows.values())
     todo = [t for t in trials if rows[t["name"]]["status"] != "done"]
     trained = []
     if config["halving"] and todo:
-        todo, trained = successive_halving(fit, trials, config["halving"], rows, root)
-    for t in todo:
-        if rows[t["name"]]["status"] == "done":
-            continue
-        print(f"{group}: trial {t['name']} ({names.index(t['name']) + 1}/{len(trials)})", flush=True)
-        rows[t["name"]] = run_trial(fit, t)
-        trained.append(t["name"])
+        todo, trained = successive_halving(fit, trials, config["halving"], rows, root, pool)
+    todo = [t for t in todo if rows[t["name"]]["status"] != "done"]
+
+    def record(name, row):
+        rows[name] = row
+        trained.append(name)
         write_results(root, rows.values())
+
+    got = pool.train(fit, todo, after=record,
+                     announce=lambda t, i: f"{group}: trial {t['name']} ({names.index(t['name']) + 1}/{len(trials)})")
+    for name, row in got.items():
+        rows[name] = row
+        trained.append(name)
     ranked = write_results(root, rows.values())
     trained = list(dict.fromkeys(trained))
     if trained:
@@ -388,6 +522,7 @@ def run_grid(fit, config, grid, explicit=(), from_spec=False):
     if best:
         print(f"{group} winner by validation: {best['trial']} (val top-1 {fmt(best['val_top1'])}%, "
               f"test top-1 {fmt(best['Top@1'])}%)  -> {root / 'results.md'}", flush=True)
+    lock.release()
     return ranked, {t["name"]: t for t in trials}
 
 
@@ -405,19 +540,21 @@ def grid_winner(root):
     return None
 
 
-def run_compare(fit, config, explicit=(), winner=None):
+def run_compare(fit, config, explicit=(), winner=None, pool=None):
     """The pretrained network against random initialisation: same data, epochs, image size,
-    batch, lr and weight decay; the random one trains every layer at one lr.
+    batch, lr and weight decay; the random one trains every layer at one lr. Under torchrun
+    (--parallel trials) the two train at the same time, one per process.
 
     winner: a grid trial's config (--grid --compare). Without it, the winner of an earlier
     --grid in OUT/<script>/<--name or grid>/ is used when there is one, with the options given
     on this command line applied over it. -> (rows, pretrained minus random test top-1, points).
     """
+    pool = pool or Pool(None, 0, 1, "", "compare")
     grid_root = Path(config["out"]) / config["script"] / (config["name"] or "grid")
     if winner is not None:
         pre = dict(winner)
     else:
-        winner = grid_winner(grid_root)
+        winner = pool.share(grid_winner(grid_root) if pool.rank == 0 else None)
         pre = dict(config)
         if winner is not None:
             pre.update({k: winner[k] for k in GRID_KEYS if k in winner and k not in explicit})
@@ -429,22 +566,26 @@ def run_compare(fit, config, explicit=(), winner=None):
     scratch = scratch_rules(dict(pre, weights="none"))
     runs = [("pretrained", pre), ("random init", scratch)]
     runs = [(label, place(c, config["out"], config["script"], group, label.replace(" ", "_"))) for label, c in runs]
-    reuse = winner is not None and not differing_options(winner, pre) and first_row(winner)["status"] == "done"
-    if reuse:  # the grid already trained exactly this network: do not train it twice
-        runs[0] = ("pretrained", winner)
-    for _, c in runs:
-        check_config(c)
-        if c is not winner:
-            check_run_folder(c)
-    rows = []
-    for label, c in runs:
-        row = first_row(c)
-        if c is winner:
-            print(f"compare: pretrained = grid trial {run_dir_of(c)} (finished, reused)", flush=True)
-        elif row["status"] != "done":
-            print(f"compare: training {label} in {run_dir_of(c)}", flush=True)
-            row = run_trial(fit, c)
-        rows.append(dict(row, init=label))
+    lock = lock_folder(pool, root)
+    rows, reused = None, False
+    with pool.agreed():
+        if pool.rank == 0:
+            # the grid already trained exactly this network (same options, data and computation): reuse it
+            reused = winner is not None and first_row(winner)["status"] == "done" and \
+                same_run(load_json(run_dir_of(winner) / "config.json"), pre, pool.processes_per_trial)
+            if reused:
+                runs[0] = ("pretrained", winner)
+            for _, c in runs[reused:]:
+                check_config(c)
+                check_run_folder(c, pool.processes_per_trial)
+            rows = [first_row(c) for _, c in runs]
+    runs, rows, reused = pool.share((runs, rows, reused))
+    if reused:
+        print(f"compare: pretrained = grid trial {run_dir_of(runs[0][1])} (finished, reused)", flush=True)
+    label = {c["name"]: lab for lab, c in runs}
+    todo = [c for (_, c), row in zip(runs, rows) if row["status"] != "done"]
+    got = pool.train(fit, todo, announce=lambda c, i: f"compare: training {label[c['name']]} in {run_dir_of(c)}")
+    rows = [dict(got.get(c["name"], row), init=lab) for (lab, c), row in zip(runs, rows)]
     a, b = rows[0]["Top@1"], rows[1]["Top@1"]
     diff = None if a is None or b is None else a - b
     footer = f"\npretrained - random init, test top-1: {fmt(diff)} points\n"
@@ -452,7 +593,8 @@ def run_compare(fit, config, explicit=(), winner=None):
         write_tables(root, rows, ("init",) + RESULT_COLUMNS, footer)
         write_json(root / "compare.json", {"pretrained_top1": a, "random_init_top1": b, "difference": diff,
                                            "pretrained_run": rows[0]["run"], "random_init_run": rows[1]["run"]})
-    print(markdown_table(rows, ("init",) + RESULT_COLUMNS) + footer, flush=True)
+        print(markdown_table(rows, ("init",) + RESULT_COLUMNS) + footer, flush=True)
+    lock.release()
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         fail(f"--compare: the {failed[0]['init']} run failed: {failed[0]['error']} (see {root / 'results.md'})")
@@ -471,16 +613,18 @@ def run(config, grid, explicit, fit):
     if config["resume"] not in (None, "auto"):
         fail("--resume PATH continues one run; a grid or a comparison resumes its own runs: rerun the same command")
     scan_split(config["data"])  # a missing or empty data folder stops here, before anything is written
+    group = config["name"] or ("grid" if is_grid else "compare")
+    pool = make_pool(config, group, Path(config["out"]) / config["script"] / group)
     if not is_grid:
-        return run_compare(fit, config, explicit)[0]
+        return run_compare(fit, config, explicit, pool=pool)[0]
     axes = parse_grid_spec(config["grid_spec"]) if config["grid_spec"] else grid
     if not axes:
         fail("this script has no GRID; give one with --grid-spec")
-    ranked, trials = run_grid(fit, config, axes, explicit, from_spec=bool(config["grid_spec"]))
+    ranked, trials = run_grid(fit, config, axes, explicit, from_spec=bool(config["grid_spec"]), pool=pool)
     winner = next((r for r in ranked if r["status"] == "done"), None)
     if winner is None:
         fail(f"no grid trial finished; see {Path(config['out']) / config['script'] / (config['name'] or 'grid')}"
              f"/results.csv")
     if config["compare"]:
-        run_compare(fit, config, explicit, winner=trials[winner["trial"]])
+        run_compare(fit, config, explicit, winner=trials[winner["trial"]], pool=pool)
     return ranked

@@ -14,7 +14,10 @@ from nets import ARCHS, parse_unfreeze, weights_preprocess
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Options that cannot change a run's results: a resumed or reused run may differ in these.
 EXEMPT = ("resume", "workers", "device", "cache_dir", "compile", "deterministic", "out", "name", "script",
-          "grid", "grid_spec", "halving", "compare")
+          "grid", "grid_spec", "halving", "compare", "parallel")
+# Compared by what they resolve to (identity.py): --precision auto may mean bf16 on one machine and
+# fp32 on another; "identity" is the record itself, not an option.
+RESOLVED = ("precision", "identity")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
 LEGACY = {"crop_mode": "center", "split_seed": None}
 
@@ -109,6 +112,10 @@ def add_experiment_options(p):
       help="grid: successive halving from this many epochs (keep the better half on validation, double, "
            "repeat); 0 = off")
     a("--compare", action="store_true", help="train the pretrained and the randomly initialised network and compare")
+    a("--parallel", default=None, choices=("trials", "ddp"),
+      help="under torchrun, for --grid/--grid-spec/--compare: trials (each process trains whole trials by "
+           "itself, each at its one-process recipe; the default) or ddp (every process trains each trial "
+           "together, so its batch is --batch-size times the processes)")
 
 
 def given_options(defaults, argv=None):
@@ -191,14 +198,15 @@ def run_dir_of(c):
 
 
 def differing_options(saved, c):
-    """[(option, value there, value now)] for every option that may change results (all but EXEMPT)
-    whose value differs between a run's saved config and c. Paths are compared resolved."""
+    """[(option, value there, value now)] for every option that may change results (all but EXEMPT,
+    and RESOLVED, which identity.py compares) whose value differs between a run's saved config and
+    c. Paths are compared resolved."""
     def norm(k, v):
         if v is not None and (k == "data" or (k == "weights" and v not in ("imagenet", "none"))):
             return str(Path(v).resolve())
         return v
 
-    keys = sorted((set(saved) | set(c)) - set(EXEMPT))
+    keys = sorted((set(saved) | set(c)) - set(EXEMPT) - set(RESOLVED))
     missing = object()
     out = []
     for k in keys:

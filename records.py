@@ -7,7 +7,13 @@ torch is imported only where a checkpoint is read or written.
 import json
 import os
 import pickle
+import socket
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; folders are not locked there
+    fcntl = None
 
 
 class CheckpointError(ValueError):
@@ -92,6 +98,52 @@ def load_checkpoint(path, keys=()):
         raise CheckpointError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)}); "
                               f"use the best.pth or last.pth of a run")
     return obj
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds the folder's lock; the message names the folder and the holder."""
+
+
+class FolderLock:
+    """One writer at a time in a run, grid or comparison folder: an exclusive flock on FOLDER/.lock,
+    held while this process works there. The operating system drops it when the process ends,
+    however it ends (kill -9 included), so a lock is never stale. The file keeps the holder's pid
+    and host for the message a second process gets; it is never deleted (deleting a lock file
+    lets two processes lock two different files)."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder):
+        self.folder, self.fd = Path(folder), None
+
+    def acquire(self):
+        """Take the lock at once or raise FolderBusy; creates the folder. -> self."""
+        if fcntl is None or self.fd is not None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise FolderBusy(f"{self.folder} is in use by {holder}; wait for it to end, or pass --name NEW "
+                             f"for another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def plain_state_dict(state):

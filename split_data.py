@@ -44,7 +44,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import records
-from data import class_seed, is_image_name
+from data import class_seed, is_image_name, split_fingerprint
 
 # The official CaltechDATA record for Caltech-101 (https://data.caltech.edu/records/mzrjq-6wc02);
 # the same address and MD5 as torchvision.datasets.Caltech101.
@@ -289,12 +289,6 @@ def plan_split(images, train_ratio, seed):
         plan["test"] += test
         plan["per_class"][c] = {"train": len(train), "test": len(test)}
     return plan
-
-
-def split_fingerprint(classes, train, test):
-    """SHA-256 of the class list and both file lists: one string that names the split."""
-    blob = json.dumps({"classes": classes, "train": train, "test": test}, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def build_record(args_record, plan, skipped, excluded):

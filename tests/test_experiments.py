@@ -191,7 +191,7 @@ class FakeFit:
         run_dir = common.run_dir_of(c)
         self.calls.append((c["name"], stop_after, c))
         run_dir.mkdir(parents=True, exist_ok=True)
-        common.write_json(run_dir / "config.json", c)
+        common.write_json(run_dir / "config.json", dict(c, identity=experiments.expected_identity(c, 1)))  # as fit
         last = c["epochs"] if stop_after is None else min(stop_after, c["epochs"])
         self.reached[c["name"]] = max(last, self.reached.get(c["name"], 0))
         best = max(self.val(c, e) for e in range(1, last + 1))
@@ -299,7 +299,7 @@ def test_finished_grid_trains_nothing_on_a_rerun(grid_runs):
 
 def test_grid_writes_trial_folders_tables_and_hparams(grid_runs):
     grid_dir = grid_runs["dir"]
-    assert sorted(p.name for p in grid_dir.iterdir()) == sorted(TRIALS + ["results.csv", "results.md"])
+    assert sorted(p.name for p in grid_dir.iterdir()) == sorted(TRIALS + [".lock", "results.csv", "results.md"])
     rows = read_csv(grid_dir / "results.csv")
     assert list(rows[0])[:11] == ["model", "batch_size", "epochs", "lr", "weight_decay", "strategy", "Top@1",
                                   "val_top1", "test_top5", "mean_class_acc", "minutes"]
@@ -327,7 +327,7 @@ def test_grid_writes_trial_folders_tables_and_hparams(grid_runs):
 
 def test_grid_folder_of_other_options_is_refused(grid_runs):
     argv = [str(a) for a in grid_runs["args"]] + ["--epochs", "2"]
-    with pytest.raises(SystemExit, match=r"holds a run with other options \(--epochs 1 there, 2 now\); pass --name NEW"):
+    with pytest.raises(SystemExit, match=r"holds a run with other options or data \(--epochs 1 there, 2 now\); pass --name NEW"):
         common.main(R18, {}, argv=argv, script="main_ResNet-18")
     assert mtimes(grid_runs["dir"], TRIALS) == grid_runs["after_resume"]
 

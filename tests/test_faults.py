@@ -55,7 +55,7 @@ def test_two_process_gloo_run_writes_the_outputs_of_one_process_with_one_writer(
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count("test top-1") == 1  # rank 0 alone prints
     one, two = (next((tmp_path / f"p{n}" / "main_ResNet-18").iterdir()) for n in (1, 2))
-    assert outputs(one) == outputs(two) == sorted(["best.pth", "config.json", "events", "last.pth", "metrics.json"])
+    assert outputs(one) == outputs(two) == sorted([".lock", "best.pth", "config.json", "events", "last.pth", "metrics.json"])
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert m1["test_images"] == m2["test_images"] == 24  # every test image exactly once, in both
     assert (m1["processes"], m2["processes"]) == (1, 2)

@@ -1,0 +1,243 @@
+"""Several processes: a grid's trials side by side (--parallel trials), restarts, two nodes, the
+comparison, and the DDP path's failures. Real gloo processes on the CPU, started by torchrun."""
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import devices
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = {"accordion", "airplanes", "anchor", "ant"}
+TINY = ["--weights", "none", "--img-size", "32", "--workers", "0", "--precision", "fp32", "--device", "cpu"]
+GRID = ["--grid-spec", "lr=1e-3,3e-4;batch_size=4,8", "--halving", "1", "--epochs", "2"]
+TIMING = {"train_seconds", "train_images_per_s", "minutes"}  # wall-clock figures: never equal twice
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from conftest import extract_subset
+
+    return extract_subset(tmp_path_factory.mktemp("parallel"), per_class=10, classes=CLASSES, max_side=40)
+
+
+def env1():
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def torchrun(*args, nproc=2, extra=(), script="main_ResNet-18.py"):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+            str(ROOT / script if not Path(script).is_absolute() else script), *map(str, args)]
+
+
+def alone(*args, script="main_ResNet-18.py"):
+    return [sys.executable, str(ROOT / script), *map(str, args)]
+
+
+def run(cmd, timeout=600):
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env1())
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    return r
+
+
+def grid_record(root):
+    """Everything a grid decided and measured, less wall-clock figures: per trial its metrics.json, the
+    results.csv rows, and halving.json's scores."""
+    trials = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        m = d / "metrics.json"
+        trials[d.name] = {k: v for k, v in json.loads(m.read_text()).items() if k not in TIMING} if m.is_file() \
+            else "unfinished"
+    with open(root / "results.csv", newline="") as f:
+        rows = [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(f)]
+    halving = json.loads((root / "halving.json").read_text()) if (root / "halving.json").exists() else None
+    return {"trials": trials, "results": rows, "halving": halving and halving["scores"]}
+
+
+@pytest.fixture(scope="module")
+def one_process_grid(data, tmp_path_factory):
+    """The four-trial halving grid in one process, one thread: what every parallel form must equal."""
+    out = tmp_path_factory.mktemp("grid1")
+    run(alone("--data", data, "--out", out, *TINY, *GRID))
+    return grid_record(out / "main_ResNet-18" / "grid")
+
+
+def takes(stdout):
+    """[(trial, process)] from the lines 'halving: T to epoch N: process R takes it' and 'grid: trial T ...'."""
+    out = []
+    for line in stdout.splitlines():
+        if ": process " in line and " takes it;" in line:
+            head, _, rest = line.partition(": process ")
+            out.append((head, int(rest.split()[0])))
+    return out
+
+
+def test_a_halving_grid_on_two_processes_equals_the_one_process_grid(data, tmp_path, one_process_grid):
+    r = run(torchrun("--data", data, "--out", tmp_path, *TINY, *GRID))
+    taken = takes(r.stdout)
+    # 4 trials to epoch 1, then the 2 kept to their end: each handed to exactly one process
+    assert len(taken) == 6 and len({t for t, _ in taken}) == 6, taken
+    assert {p for _, p in taken} == {0, 1}  # both processes trained
+    assert "1 thread(s) each" in r.stdout
+    assert grid_record(tmp_path / "main_ResNet-18" / "grid") == one_process_grid
+    for m in one_process_grid["trials"].values():
+        assert m == "unfinished" or m["processes"] == 1  # each trial alone, at its own batch size
+
+
+def test_compare_trains_both_networks_at_once_with_one_process_results(data, tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save(common.build_model("resnet18", 1000, "none").state_dict(), weights)
+    args = ("--data", data, *TINY[2:], "--weights", weights, "--epochs", "1", "--compare")
+    run(alone(*args, "--out", tmp_path / "one"))
+    r = run(torchrun(*args, "--out", tmp_path / "two"))
+    assert sorted(p for _, p in takes(r.stdout)) == [0, 1]  # one network per process
+    for name in ("pretrained", "random_init"):
+        a, b = (json.loads((tmp_path / o / "main_ResNet-18" / "compare" / name / "metrics.json").read_text())
+                for o in ("one", "two"))
+        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_agents_as_two_nodes_finish_the_grid_with_one_process_results(data, tmp_path, one_process_grid):
+    port = free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "grid-test",
+            str(ROOT / "main_ResNet-18.py"), "--data", str(data), "--out", str(tmp_path), *TINY, *GRID]
+    agents = [subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env1())
+              for _ in range(2)]
+    outs = [a.communicate(timeout=600) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], [o[1][-2000:] for o in outs]
+    assert grid_record(tmp_path / "main_ResNet-18" / "grid") == one_process_grid
+
+
+def children(pid):
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_worker_killed_mid_trial_is_restarted_and_the_grid_ends_as_uninterrupted(data, tmp_path, one_process_grid):
+    log = tmp_path / "log.txt"
+    root = tmp_path / "main_ResNet-18" / "grid"
+    cmd = torchrun("--data", data, "--out", tmp_path, *TINY, *GRID, extra=["--max-restarts", "1"])
+    with open(log, "w") as f:
+        agent = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env1())
+        # the last phase: the 2 kept trials train their second epoch; kill one worker in it
+        deadline = time.time() + 500
+        while "kept" not in log.read_text() and time.time() < deadline and agent.poll() is None:
+            time.sleep(0.2)
+        finished = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in root.iterdir()
+                    if (d / "metrics.json").exists()}
+        workers = children(agent.pid)
+        assert agent.poll() is None and len(workers) == 2, log.read_text()[-3000:]
+        os.kill(workers[1], signal.SIGKILL)
+        agent.wait(timeout=600)
+    text = log.read_text()
+    assert agent.returncode == 0, text[-3000:]
+    assert "attempt" in text.lower() or text.count("trials in") >= 2  # the group was started again
+    assert grid_record(root) == one_process_grid
+    assert {d: (root / d / "metrics.json").stat().st_mtime_ns for d in finished} == finished  # not trained again
+    # no trial trained an epoch twice beyond the one the kill cut short
+    for d in root.iterdir():
+        if (d / "last.pth").exists():
+            ck = torch.load(d / "last.pth", weights_only=True)
+            assert ck["epoch"] <= 2
+
+
+def driver(tmp_path, patch):
+    """A script that runs main_ResNet-18.py under torchrun after `patch` (Python source) ran in the process."""
+    script = tmp_path / "driver.py"
+    script.write_text(f"import os, runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport common, devices\n"
+                      f"rank = int(os.environ['RANK'])\n{patch}\n"
+                      f"sys.argv[0] = {str(ROOT / 'main_ResNet-18.py')!r}\n"
+                      f"runpy.run_path({str(ROOT / 'main_ResNet-18.py')!r}, run_name='__main__')\n")
+    return script
+
+
+def test_a_rank_failing_inside_an_epoch_ends_both_processes_within_seconds(data, tmp_path):
+    script = driver(tmp_path, "step = [0]\nreal = common.backward_and_step\n"
+                              "def boom(*a, **k):\n"
+                              "    step[0] += 1\n"
+                              "    if rank == 1 and step[0] == 3:\n"
+                              "        raise RuntimeError('injected failure at step 3')\n"
+                              "    return real(*a, **k)\n"
+                              "common.backward_and_step = boom\n")
+    t = time.time()
+    r = subprocess.run(torchrun("--data", data, "--out", tmp_path, *TINY, "--batch-size", "2", "--epochs", "2",
+                                script=script), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env1())
+    assert time.time() - t < 60  # started, trained 2 steps, failed: the 15-minute timeout never came into it
+    assert r.returncode != 0
+    assert "error: process 1 of 2: injected failure at step 3" in r.stderr
+
+
+def test_a_setup_failure_on_one_rank_of_a_ddp_grid_fails_the_trial_on_every_rank(data, tmp_path):
+    script = driver(tmp_path, "real = common.build_network\n"
+                              "def build(config, *a, **k):\n"
+                              "    if rank == 1 and config['lr'] == 1e-3:\n"
+                              "        raise OSError('weights download refused')\n"
+                              "    return real(config, *a, **k)\n"
+                              "common.build_network = build\n")
+    r = subprocess.run(torchrun("--data", data, "--out", tmp_path, *TINY, "--epochs", "1", "--parallel", "ddp",
+                                "--grid-spec", "lr=1e-3,3e-4", script=script),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env1())
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "main_ResNet-18" / "grid" / "results.csv", newline="") as f:
+        rows = {row["trial"] if "trial" in row else row["run"].split("/")[-1]: row for row in csv.DictReader(f)}
+    status = {k.split("/")[-1]: v["status"] for k, v in rows.items()}
+    assert status == {"lr=0.001": "failed", "lr=0.0003": "done"}, status
+    assert r.stderr.count("trial lr=0.001 failed") == 2  # both ranks recorded it
+    assert "process 1 of 2 failed: weights download refused" in r.stderr
+    m = json.loads((tmp_path / "main_ResNet-18" / "grid" / "lr=0.0003" / "metrics.json").read_text())
+    assert m["processes"] == 2  # the next trial was trained by both, together
+
+
+def test_parallel_with_a_single_run_is_an_error(data, tmp_path):
+    r = subprocess.run(alone("--data", data, "--out", tmp_path, *TINY, "--parallel", "trials"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --parallel applies to --grid")
+    assert not (tmp_path / "main_ResNet-18").exists()
+
+
+def test_ranks_start_from_one_network_and_draw_their_own_dropout_masks(data):
+    """Two ranks of one run: identical initial weights, different dropout draws; one process keeps its
+    generator untouched (so a one-process run is what it always was)."""
+    config = dict(common.resolve_config(common.get_args_parser(DEFAULTS).parse_args(
+        ["--data", str(data), "--weights", "none"]), DEFAULTS, "t"))
+    nets, masks = [], []
+    for rank in (0, 1):
+        nets.append(common.build_network(config, 4, None, torch.device("cpu"), rank, 2))
+        masks.append(torch.nn.functional.dropout(torch.ones(1000), 0.5))
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
+    assert not torch.equal(masks[0], masks[1])
+    devices.seed_everything(0)
+    before = torch.get_rng_state()
+    devices.seed_rank(0, 0, 1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+DEFAULTS = dict(arch="resnet18", batch_size=8, epochs=1, scratch_epochs=1, lr=1e-3, weight_decay=1e-5,
+                unfreeze="layer4")
+
+
+def test_a_resume_under_another_process_count_is_refused_naming_both(data, tmp_path):
+    args = ("--data", data, "--out", tmp_path, *TINY, "--batch-size", "4", "--epochs", "1", "--name", "r")
+    run(torchrun(*args))
+    r = subprocess.run(alone(*args, "--resume", "auto"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert "2 process(es) there (global batch 8), 1 now (global batch 4)" in line, line
