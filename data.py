@@ -125,9 +125,9 @@ def data_identity(data_dir, classes, train, test, val):
     validation carve. train, test: every image of the folder (before --limit-per-class); val: the
     carve this run holds out."""
     data_dir = Path(data_dir)
-    rel = lambda samples: [relative(p, data_dir) for p, _ in samples]
-    return {"split": split_fingerprint(classes, rel(train), rel(test)),
-            "carve": digest(sorted(rel(val))),
+    rel = lambda samples, side: [relative(p, data_dir / side) for p, _ in samples]  # as split.json lists them
+    return {"split": split_fingerprint(classes, rel(train, "train"), rel(test, "test")),
+            "carve": digest(sorted(rel(val, "train"))),
             "files": {**class_files(train, classes, data_dir, "train"), **class_files(test, classes, data_dir, "test")}}
 
 

@@ -4,6 +4,7 @@ Every file goes to a temporary name in the same folder, is fsynced and renamed i
 so a kill never leaves a half-written file. split_data.py writes through this module too, so
 torch is imported only where a checkpoint is read or written.
 """
+import errno
 import json
 import os
 import pickle
@@ -12,7 +13,7 @@ from pathlib import Path
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; folders are not locked there
+except ImportError:  # Windows: no fcntl; folders are not locked there
     fcntl = None
 
 
@@ -105,11 +106,13 @@ class FolderBusy(RuntimeError):
 
 
 class FolderLock:
-    """One writer at a time in a run, grid or comparison folder: an exclusive flock on FOLDER/.lock,
-    held while this process works there. The operating system drops it when the process ends,
-    however it ends (kill -9 included), so a lock is never stale. The file keeps the holder's pid
-    and host for the message a second process gets; it is never deleted (deleting a lock file
-    lets two processes lock two different files)."""
+    """One writer at a time in a run, grid or comparison folder: an exclusive lock on FOLDER/.lock,
+    held while this process works there. It is a POSIX record lock (fcntl.lockf): the operating
+    system drops it when the process ends, however it ends (kill -9 included), so a lock is never
+    stale, and unlike flock it is not inherited by forked loader workers, which could outlive the
+    run and keep its folder locked. The file keeps the holder's pid and host for the message a
+    second process gets; it is never deleted (deleting a lock file lets two processes lock two
+    different files)."""
 
     NAME = ".lock"
 
@@ -123,8 +126,11 @@ class FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise FolderBusy(f"{self.folder} is in use by {holder}; wait for it to end, or pass --name NEW "
@@ -136,7 +142,7 @@ class FolderLock:
 
     def release(self):
         if self.fd is not None:
-            os.close(self.fd)  # closing the only descriptor drops the flock
+            os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None
 
     def __enter__(self):

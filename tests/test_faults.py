@@ -75,6 +75,8 @@ def test_two_processes_probe_alike_and_then_fine_tune(data, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("linear probe: head trained 2 epochs") == 1 and r.stdout.count("test top-1") == 1
+    # the features are computed once, by rank 0, and read by the other: one writer of each file
+    assert r.stdout.count("train: features of") == 1 and r.stdout.count("val: features of") == 1
 
 
 def test_sigkill_mid_run_then_resume_auto_ends_like_an_uninterrupted_run(data, tmp_path):

@@ -30,8 +30,11 @@ def data(tmp_path_factory):
     return extract_subset(tmp_path_factory.mktemp("parallel"), per_class=10, classes=CLASSES, max_side=40)
 
 
-def env1():
-    return dict(os.environ, OMP_NUM_THREADS="1")
+def env1(threads=1):
+    """The environment with OMP_NUM_THREADS=threads (None: left unset, as torchrun leaves it for one
+    process per node)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return env if threads is None else dict(env, OMP_NUM_THREADS=str(threads))
 
 
 def torchrun(*args, nproc=2, extra=(), script="main_ResNet-18.py"):
@@ -43,8 +46,8 @@ def alone(*args, script="main_ResNet-18.py"):
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
 
-def run(cmd, timeout=600):
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env1())
+def run(cmd, timeout=600, threads=1):
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env1(threads))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return r
 
@@ -63,12 +66,16 @@ def grid_record(root):
     return {"trials": trials, "results": rows, "halving": halving and halving["scores"]}
 
 
+def grid_alone(data, out, threads):
+    run(alone("--data", data, "--out", out, *TINY, *GRID), threads=threads)
+    return grid_record(out / "main_ResNet-18" / "grid")
+
+
 @pytest.fixture(scope="module")
 def one_process_grid(data, tmp_path_factory):
-    """The four-trial halving grid in one process, one thread: what every parallel form must equal."""
-    out = tmp_path_factory.mktemp("grid1")
-    run(alone("--data", data, "--out", out, *TINY, *GRID))
-    return grid_record(out / "main_ResNet-18" / "grid")
+    """The four-trial halving grid in one process, one thread: what every parallel form must equal
+    (fp32 on the CPU is bit-reproducible for a given thread count)."""
+    return grid_alone(data, tmp_path_factory.mktemp("grid1"), 1)
 
 
 def takes(stdout):
@@ -112,16 +119,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_agents_as_two_nodes_finish_the_grid_with_one_process_results(data, tmp_path, one_process_grid):
+def test_two_agents_as_two_nodes_finish_the_grid_with_one_process_results(data, tmp_path):
+    """Each agent is a node of its own, so each process takes all the cores: 2 threads, as the one
+    process it is compared with."""
+    one_process_grid = grid_alone(data, tmp_path / "alone", 2)
     port = free_port()
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "grid-test",
-            str(ROOT / "main_ResNet-18.py"), "--data", str(data), "--out", str(tmp_path), *TINY, *GRID]
-    agents = [subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env1())
-              for _ in range(2)]
+            str(ROOT / "main_ResNet-18.py"), "--data", str(data), "--out", str(tmp_path / "nodes"), *TINY, *GRID]
+    agents = [subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env1(None)) for _ in range(2)]
     outs = [a.communicate(timeout=600) for a in agents]
     assert [a.returncode for a in agents] == [0, 0], [o[1][-2000:] for o in outs]
-    assert grid_record(tmp_path / "main_ResNet-18" / "grid") == one_process_grid
+    assert {p for o in outs for _, p in takes(o[0])} == {0, 1}  # both nodes trained
+    assert grid_record(tmp_path / "nodes" / "main_ResNet-18" / "grid") == one_process_grid
 
 
 def children(pid):
@@ -241,3 +252,16 @@ def test_a_resume_under_another_process_count_is_refused_naming_both(data, tmp_p
     assert r.returncode == 1
     line = r.stderr.strip().splitlines()[-1]
     assert "2 process(es) there (global batch 8), 1 now (global batch 4)" in line, line
+
+
+def test_a_torchrun_run_leaves_its_process_group(data, tmp_path, monkeypatch):
+    """torchrun --nproc_per_node 1 starts a group of one; main() destroys it at the end (recent torch
+    warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    env = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    common.main(DEFAULTS, {}, ["--data", str(data), "--out", str(tmp_path), *TINY, "--epochs", "1"], script="t")
+    assert (tmp_path / "t").is_dir() and not dist.is_initialized()
