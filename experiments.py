@@ -31,6 +31,7 @@ Rules:
   trained, not at an equal fraction of their schedules. Scores per rung are kept in
   halving.json, so a rerun replays the same decisions instead of training again.
 """
+import contextlib
 import csv
 import io
 import itertools
@@ -232,6 +233,10 @@ class Pool:
     def processes_per_trial(self):
         return 1 if self.mode == "trials" else self.world
 
+    def as_trial(self):
+        """The block in which this process acts as a trial will run: alone in trials mode."""
+        return devices.alone() if self.mode == "trials" else contextlib.nullcontext()
+
     def agreed(self):
         """A block whose failure on any process fails on every process (no collective inside)."""
         return devices.on_every_rank(self.world)
@@ -249,7 +254,8 @@ class Pool:
             for i, t in enumerate(trials):
                 if announce is not None:
                     print(announce(t, i), flush=True)
-                rows[t["name"]] = run_trial(fit, t, stop_after, writes=self.rank == 0)
+                with self.as_trial():
+                    rows[t["name"]] = run_trial(fit, t, stop_after, writes=self.rank == 0)
                 if after is not None:
                     after(t["name"], rows[t["name"]])
             return rows
@@ -269,7 +275,7 @@ class Pool:
             said = announce(t, i) if announce is not None else f"{self.group}: trial {t['name']}"
             print(f"{said}: process {self.rank} takes it; {done} finished, {taken - done} running, "
                   f"{len(trials) - taken} pending", flush=True)
-            with devices.alone():
+            with self.as_trial():
                 mine[t["name"]] = run_trial(fit, t, stop_after, writes=True)
             store.add(f"{key}/finished", 1)
         # meet without a collective's timeout: a trial can take hours, and idle processes wait for it
@@ -484,8 +490,9 @@ def run_grid(fit, config, grid, explicit=(), from_spec=False, pool=None):
     rows = None
     with pool.agreed():  # rank 0 reads the folders; every process then starts from its rows
         if pool.rank == 0:
-            for t in trials:
-                check_run_folder(t, pool.processes_per_trial)
+            with pool.as_trial():
+                for t in trials:
+                    check_run_folder(t, pool.processes_per_trial)
             rows = {t["name"]: first_row(t) for t in trials}
             write_results(root, rows.values())
     rows = pool.share(rows)
@@ -571,13 +578,14 @@ def run_compare(fit, config, explicit=(), winner=None, pool=None):
     with pool.agreed():
         if pool.rank == 0:
             # the grid already trained exactly this network (same options, data and computation): reuse it
-            reused = winner is not None and first_row(winner)["status"] == "done" and \
-                same_run(load_json(run_dir_of(winner) / "config.json"), pre, pool.processes_per_trial)
-            if reused:
-                runs[0] = ("pretrained", winner)
-            for _, c in runs[reused:]:
-                check_config(c)
-                check_run_folder(c, pool.processes_per_trial)
+            with pool.as_trial():
+                reused = winner is not None and first_row(winner)["status"] == "done" and \
+                    same_run(load_json(run_dir_of(winner) / "config.json"), pre, pool.processes_per_trial)
+                if reused:
+                    runs[0] = ("pretrained", winner)
+                for _, c in runs[reused:]:
+                    check_config(c)
+                    check_run_folder(c, pool.processes_per_trial)
             rows = [first_row(c) for _, c in runs]
     runs, rows, reused = pool.share((runs, rows, reused))
     if reused:
