@@ -10,7 +10,7 @@ split and the validation carve), devices (hardware, precision, memory), records 
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -241,6 +241,17 @@ def best_record(vm, epoch):
 # start_run, build_loaders, frozen_inputs, linear_probe, make_optimizer, train_epochs, test_pass.
 # --------------------------------------------------------------------------------------------
 @dataclass
+class Stage:
+    """Where fit() is, for its out-of-memory line: the step's name (a key of errors.OOM_REMEDIES),
+    set as each step starts, and the run's loaders, whose decode caches may sit in GPU memory."""
+    name: str = "setup"
+    loaders: dict = field(default_factory=dict)
+
+    def caches_resident(self):
+        return any(loader is not None and loader.resident for loader in self.loaders.values())
+
+
+@dataclass
 class Run:
     """What fit() sets up once and its steps share."""
     config: dict
@@ -254,6 +265,7 @@ class Run:
     classes: list
     splits: dict  # train, val, test -> samples
     model: nn.Module  # the plain network: checkpoints hold its state dict, never a wrapper's
+    stage: Stage = field(default_factory=Stage)  # fit()'s, for the out-of-memory line
 
 
 @dataclass
@@ -329,7 +341,8 @@ def build_loaders(run, budget, resident=None):
         for split, samples in run.splits.items()})
     for split, loader in loaders.items():
         if loader is not None and loader.gpu_augment:
-            place = budget.reserve(f"{split} images", loader.cache_bytes) if resident is None else resident
+            place = (c["gpu_cache"] == "auto" and budget.reserve(f"{split} images", loader.cache_bytes)) \
+                if resident is None else resident
             if place:
                 loader.make_resident()
     return loaders, options
@@ -355,6 +368,7 @@ def frozen_inputs(run, loaders, sources, budget):
     --unfreeze head: everything before the head; else the longest deterministic frozen prefix."""
     if not frozen_wanted(run):
         return None
+    run.stage.name = "features" if head_only(run.config, run.world) else "frozen prefix"
     if head_only(run.config, run.world):
         frozen = features.head_features(run.model, run.config, sources, loaders, run.device, run.dtype, budget)
     else:
@@ -381,6 +395,7 @@ def linear_probe(run, loaders, sources, frozen, budget):
     features for --probe-epochs, so the first fine-tuning steps do not push a random head's
     gradients into the pretrained stages. The best head on validation stays in the model."""
     c = run.config
+    run.stage.name = "probe"
     served = loaders
     if run.world > 1:  # each process probes alike on every image, so every process has the same head
         solo = loader_options(c, run.device)
@@ -500,6 +515,7 @@ def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
     for epoch in range(progress.start_epoch, last_epoch + 1):
         with devices.on_every_rank(run.world):
             batches["train"].set_epoch(epoch)
+            run.stage.name = "training"
             try:
                 tm = train_one_epoch(net, batches["train"], optimizer, scheduler, criterion, run.device, dtype,
                                      epoch=epoch, scaler=scaler, progress=run.rank == 0, bn_stats=c["bn_stats"])
@@ -507,6 +523,7 @@ def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
                 fail(str(e))
             progress.train_seconds += tm["seconds"]
             progress.images_trained += tm["images"]
+            run.stage.name = "evaluation"
             vm = evaluate(net, batches["val"], criterion, run.device, dtype, len(run.classes)) \
                 if batches["val"] is not None else None
             improved = vm is None or improves(vm, progress.best)
@@ -523,6 +540,7 @@ def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
 def test_pass(run, net, batches, loaders, progress, dtype, writer):
     """The test set is seen once, with the best-on-validation weights: it decides nothing."""
     c = run.config
+    run.stage.name = "test"
     with devices.on_every_rank(run.world):  # every rank reads best.pth once rank 0 has written it
         best = records.load_checkpoint(run.run_dir / "best.pth", CHECKPOINT_KEYS)
         run.model.load_state_dict(best["model"])
@@ -557,24 +575,29 @@ def fit(config, stop_after=None, *, resident=None):
     stop_after: stop after this epoch without the test evaluation (successive halving); a later
     call with resume continues the same schedule. resident: None lets the run's memory budget
     decide which decode caches live in device memory; True/False forces it (tests, on the CPU).
-    Out of memory anywhere in the run ends in one line that names --batch-size.
+    Out of memory anywhere in the run ends in one line that names the stage and what to try.
     """
+    stage = Stage()
     try:
-        return _fit(config, stop_after, resident)
+        return _fit(config, stop_after, resident, stage)
     except torch.OutOfMemoryError:
+        msg = oom_message(config["batch_size"], stage.name, stage.caches_resident())
         devices.free_cached_memory()
-        fail(oom_message(config["batch_size"]))
+        fail(msg)
 
 
-def _fit(config, stop_after, resident):
+def _fit(config, stop_after, resident, stage):
     run = start_run(config)
+    run.stage = stage
     budget = devices.MemoryBudget(devices.memory_limit(run.device))
     loaders, options = build_loaders(run, budget, resident)
+    stage.loaders = loaders
     sources = eval_sources(run, loaders, options) if frozen_wanted(run) or (probe_wanted(run) and run.world == 1) \
         else {}
     frozen = frozen_inputs(run, loaders, sources, budget)
     if probe_wanted(run):  # every rank alike: same features, same seed
         linear_probe(run, loaders, sources, frozen, budget)
+    stage.name = "setup"
     net, batches, dtype = trained_net(run, loaders, frozen)
     optim, progress = make_optimizer(run, len(batches["train"]))
     writer = open_records(run)
