@@ -10,8 +10,9 @@ a frozen part (features.CachedBatches, a linear head on them).
 On CUDA, under torch.cuda.set_sync_debug_mode("warn"): torch warns at every synchronising call;
 the warnings of each batch (loader, forward, backward, optimizer step) are counted and their
 source lines listed. Last line: syncs_per_batch=N, the largest mean over the paths' measured
-epochs (the target is 0). common.train_one_epoch is counted as well, for information: it reads
-the loss back every 10 steps on purpose.
+epochs (the target is 0; fp16's GradScaler, which reads its inf check back every step by design,
+is listed apart). common.train_one_epoch is counted as well, for information: it reads the loss
+back every 10 steps on purpose.
 On the CPU nothing synchronises; HostCopies then records, around each batch the loader makes,
 the calls that would on CUDA: a tensor built from Python numbers, a copy to a device without
 non_blocking=True, a read back to Python. Last line: blocking_calls_per_batch=N.
@@ -36,6 +37,7 @@ import features  # noqa: E402
 import pipeline  # noqa: E402
 
 TORCH_DIR = os.path.dirname(torch.__file__)
+SCALER = "grad_scaler.py:"   # torch/amp/grad_scaler.py, where a sync warning names it
 # Tensor methods that read a value back to Python: on CUDA each waits for the stream.
 READ_BACKS = {"item", "tolist", "cpu", "nonzero", "__bool__", "__int__", "__float__"}
 
@@ -170,6 +172,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
     dtype = common.resolve_precision(args.precision, device)
+    common.devices.speed_settings(device, dtype, deterministic=False)   # cudnn.benchmark as the runs
     classes, train, _ = common.scan_split(args.data)
     samples = common.limit_per_class(train, args.limit_per_class)
     cuda = device.type == "cuda"
@@ -192,10 +195,14 @@ def main(argv=None):
                     per_batch.append(calls)
             if epoch == 1:
                 warm = sum(map(len, per_batch))
+        # fp16's GradScaler reads its inf check back every step, by design: listed, not counted
+        scaler = [[c for c in calls if c.startswith(SCALER)] for calls in per_batch]
+        per_batch = [[c for c in calls if not c.startswith(SCALER)] for calls in per_batch]
         mean = sum(map(len, per_batch)) / max(len(per_batch), 1)
         worst = max(worst, mean)
-        where = Counter(c for calls in per_batch for c in calls).most_common(5)
+        where = Counter(c for calls in per_batch + scaler for c in calls).most_common(5)
         print(f"{name}: {len(per_batch)} batches, {mean:g} {what} per batch (warm-up epoch: {warm} in all)"
+              + (f", and {sum(map(len, scaler)) / len(scaler):g} of fp16's GradScaler" if any(scaler) else "")
               + "".join(f"\n    {n} x {c}" for c, n in where), flush=True)
     if cuda:
         loader, model = built["resident-augmented"]
