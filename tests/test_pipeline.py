@@ -630,10 +630,10 @@ def host_copies():
     return sync_check
 
 
-@pytest.mark.parametrize("path,augment,train,resident", [("tensor", "seed", True, True), ("tensor", "seed", True, False),
-                                                         ("tensor", "none", True, True), ("tensor", "flip", True, False),
-                                                         ("cpu", "seed", True, False), ("cpu", "flip", True, False),
-                                                         ("tensor", "none", False, True), ("cpu", "none", False, False)])
+@pytest.mark.parametrize("path,augment,train,resident", [
+    ("tensor", "seed", True, True), ("tensor", "seed", True, False), ("tensor", "none", True, True),
+    ("tensor", "flip", True, False), ("cpu", "seed", True, False), ("cpu", "flip", True, False),
+    ("tensor", "none", False, True), ("cpu", "none", False, False)])
 def test_batches_make_no_device_constant_and_copy_nothing_blocking(real_split, path, augment, train, resident):
     """After a loader's first batch (which may make its normalisation rows), no batch builds a tensor
     from Python numbers, copies to the device without non_blocking or reads a value back: on CUDA
