@@ -183,7 +183,6 @@ def main(argv=None):
     worst, built = 0.0, paths(samples, classes, args, device, dtype)
     for name, (batches, model) in built.items():
         step, _ = make_step(model, args.arch, device, dtype)
-        per_batch = []
         for epoch in (1, 2):
             batches.set_epoch(epoch)
             if cuda:
