@@ -344,13 +344,14 @@ def pack_plan(plan: dict, rows: np.ndarray) -> torch.Tensor:
 
 
 def render_torch(src: torch.Tensor, packed: torch.Tensor, *, crop: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float],
+                 mean: tuple[float, float, float] | torch.Tensor, std: tuple[float, float, float] | torch.Tensor,
                  blur: bool | None = None) -> torch.Tensor:
     """Augment a uint8 [B,H,W,3] batch on its device with plan rows `packed` (pack_plan)
     -> float32 [B,3,crop,crop], (x / 255 - mean) / std.
 
     A fixed number of kernel launches per batch whatever its size, no per-image Python, no
-    host sync when `blur` (any sample blurred) is given by the caller.
+    host sync when `blur` (any sample blurred) is given by the caller and mean, std are float32
+    tensors already on the device (tuples are copied there on every call).
     """
     B, Hs, Ws, _ = src.shape
     dev = src.device
@@ -381,8 +382,8 @@ def render_torch(src: torch.Tensor, packed: torch.Tensor, *, crop: int,
         y = F.conv2d(y, k.view(B * 3, 1, 3, 1), groups=B * 3).view(B, 3, crop, crop)
         x = torch.where(torch.isnan(sigma).view(B, 1, 1, 1), x, y)
     # colour matrix, offset and normalisation folded: out = D (M x + K mean) / 255 - D mu
-    inv = 1 / torch.tensor(std, device=dev)
-    mu = torch.tensor(mean, device=dev)
+    inv = 1 / torch.as_tensor(std, device=dev)
+    mu = torch.as_tensor(mean, device=dev)
     A = inv[None, :, None] * M / 255
     bias = inv * ((x_mean[:, None, :] * K).sum(-1) / 255 - mu)     # [B, 3]
     out = torch.baddbmm(bias[:, :, None], A, x.reshape(B, 3, -1)).view(B, 3, crop, crop)

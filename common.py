@@ -11,7 +11,7 @@ import functools
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -239,6 +239,17 @@ def best_record(vm, epoch):
 # start_run, build_loaders, frozen_inputs, linear_probe, make_optimizer, train_epochs, test_pass.
 # --------------------------------------------------------------------------------------------
 @dataclass
+class Stage:
+    """Where fit() is, for its out-of-memory line: the step's name (a key of errors.OOM_REMEDIES),
+    set as each step starts, and the run's loaders, whose decode caches may sit in GPU memory."""
+    name: str = "setup"
+    loaders: dict = field(default_factory=dict)
+
+    def caches_resident(self):
+        return any(loader is not None and loader.resident for loader in self.loaders.values())
+
+
+@dataclass
 class Run:
     """What fit() sets up once and its steps share."""
     config: dict
@@ -254,6 +265,7 @@ class Run:
     model: nn.Module  # the plain network: checkpoints hold its state dict, never a wrapper's
     lock: records.FolderLock  # held by rank 0 while the run writes its folder
     defaults: dict | None  # the script's default config: the header names what differs
+    stage: Stage = field(default_factory=Stage)  # fit()'s, for the out-of-memory line
 
 
 @dataclass
@@ -369,7 +381,8 @@ def build_loaders(run, budget, resident=None):
         for split, samples in run.splits.items()})
     for split, loader in loaders.items():
         if loader is not None and loader.gpu_augment:
-            place = budget.reserve(f"{split} images", loader.cache_bytes) if resident is None else resident
+            place = (c["gpu_cache"] == "auto" and budget.reserve(f"{split} images", loader.cache_bytes)) \
+                if resident is None else resident
             if place:
                 loader.make_resident()
     return loaders, options
@@ -395,6 +408,7 @@ def frozen_inputs(run, loaders, sources, budget):
     --unfreeze head: everything before the head; else the longest deterministic frozen prefix."""
     if not frozen_wanted(run):
         return None
+    run.stage.name = "features" if head_only(run.config, run.world) else "frozen prefix"
     if head_only(run.config, run.world):
         frozen = features.head_features(run.model, run.config, sources, loaders, run.device, run.dtype, budget)
     else:
@@ -421,6 +435,7 @@ def linear_probe(run, loaders, sources, frozen, budget):
     features for --probe-epochs, so the first fine-tuning steps do not push a random head's
     gradients into the pretrained stages. The best head on validation stays in the model."""
     c = run.config
+    run.stage.name = "probe"
     served = loaders
     if run.world > 1:  # each process probes alike on every image (one computes the features), so all have one head
         solo = loader_options(c, run.device)
@@ -560,6 +575,7 @@ def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
         devices.set_rng_state(run.ckpt, run.device, run.rank)
     for epoch in range(progress.start_epoch, last_epoch + 1):
         batches["train"].set_epoch(epoch)
+        run.stage.name = "training"
         try:
             tm = train_one_epoch(net, batches["train"], optimizer, scheduler, criterion, run.device, dtype,
                                  epoch=epoch, scaler=scaler, progress=run.rank == 0, bn_stats=c["bn_stats"])
@@ -567,6 +583,7 @@ def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
             fail(str(e))
         progress.train_seconds += tm["seconds"]
         progress.images_trained += tm["images"]
+        run.stage.name = "evaluation"
         vm = evaluate(net, batches["val"], criterion, run.device, dtype, len(run.classes)) \
             if batches["val"] is not None else None
         improved = vm is None or improves(vm, progress.best)
@@ -585,6 +602,7 @@ def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
 def test_pass(run, net, batches, loaders, progress, dtype, writer):
     """The test set is seen once, with the best-on-validation weights: it decides nothing."""
     c = run.config
+    run.stage.name = "test"
     devices.barrier()  # every rank reads best.pth once rank 0 has written it
     best = records.load_checkpoint(run.run_dir / "best.pth", CHECKPOINT_KEYS)
     run.model.load_state_dict(best["model"])
@@ -620,19 +638,22 @@ def fit(config, stop_after=None, *, resident=None, defaults=None):
     call with resume continues the same schedule. resident: None lets the run's memory budget
     decide which decode caches live in device memory; True/False forces it (tests, on the CPU).
     defaults: the script's default config, for the header's list of changed options.
-    Out of memory anywhere in the run ends in one line that names --batch-size.
+    Out of memory anywhere in the run ends in one line that names the stage and what to try.
     """
     rank, world, _ = devices.torchrun_env()
+    stage = Stage()
     with devices.one_fails_all(world, rank):
         try:
-            return _fit(config, stop_after, resident, defaults)
+            return _fit(config, stop_after, resident, defaults, stage)
         except torch.OutOfMemoryError:
+            msg = oom_message(config["batch_size"], stage.name, stage.caches_resident())
             devices.free_cached_memory()
-            fail(oom_message(config["batch_size"]))
+            fail(msg)
 
 
-def _fit(config, stop_after, resident, defaults):
+def _fit(config, stop_after, resident, defaults, stage):
     run = start_run(config, defaults)
+    run.stage = stage
     try:
         return train_and_test(run, stop_after, resident)
     finally:
@@ -643,11 +664,13 @@ def train_and_test(run, stop_after, resident):
     config = run.config
     budget = devices.MemoryBudget(devices.memory_limit(run.device))
     loaders, options = build_loaders(run, budget, resident)
+    run.stage.loaders = loaders
     sources = eval_sources(run, loaders, options) if frozen_wanted(run) or (probe_wanted(run) and run.world == 1) \
         else {}
     frozen = frozen_inputs(run, loaders, sources, budget)
     if probe_wanted(run):  # every rank alike: same features, same seed
         linear_probe(run, loaders, sources, frozen, budget)
+    run.stage.name = "setup"
     net, batches, dtype = trained_net(run, loaders, frozen)
     optim, progress = make_optimizer(run, len(batches["train"]))
     writer = open_records(run)

@@ -6,7 +6,25 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-def oom_message(batch_size):
-    """The one line every out-of-memory error of a run ends with."""
-    return (f"out of GPU memory with --batch-size {batch_size}; "
-            f"try --batch-size {max(2, batch_size // 2)}")
+# What frees GPU memory in each stage of a run, after --gpu-cache off where decode caches are
+# resident. Only training's batch grows with --batch-size (evaluation batches are
+# max(64, --batch-size) images), so only training suggests a smaller one.
+OOM_REMEDIES = {"setup": None, "training": "--batch-size", "evaluation": None, "frozen prefix": "--cache-frozen off",
+                "probe": None, "features": None, "test": None}
+
+
+def oom_message(batch_size, stage, caches_resident):
+    """The one line every out-of-memory error of a run ends with: the stage it happened in (a key of
+    OOM_REMEDIES) and what to try, --gpu-cache off first when decode caches sit in GPU memory."""
+    tries = ["--gpu-cache off (decode caches in host memory, same results)"] if caches_resident else []
+    remedy = OOM_REMEDIES[stage]
+    if remedy == "--batch-size":
+        tries.append(f"--batch-size {max(2, batch_size // 2)}")
+    elif remedy:
+        tries.append(remedy)
+    line = f"out of GPU memory in the {stage} stage"
+    if stage == "training":
+        line += f" with --batch-size {batch_size}"
+    if not tries:
+        return f"{line}; the decode caches are in host memory already: free the GPU of other work or use a larger one"
+    return f"{line}; try {tries[0]}" + "".join(f", then {t}" for t in tries[1:])

@@ -20,6 +20,7 @@ from torchvision.ops import StochasticDepth
 
 from devices import autocast
 from nets import forward_sequence, make_preprocess, preprocess_dict, set_train_mode
+from pipeline import to_device
 from records import load_checkpoint, save_checkpoint
 
 
@@ -124,7 +125,7 @@ class CachedBatches:
 
     def __iter__(self):
         for idx in self.loader.batch_indices():
-            i = torch.from_numpy(idx).to(self.outputs.device)
+            i = to_device(idx, self.outputs.device)   # pinned, non_blocking: no stream sync per batch
             yield self.outputs[i], self.labels[i]
 
 

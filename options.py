@@ -13,8 +13,8 @@ from nets import ARCHS, parse_unfreeze, weights_preprocess
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Options that cannot change a run's results: a resumed or reused run may differ in these.
-EXEMPT = ("resume", "workers", "device", "cache_dir", "compile", "deterministic", "out", "name", "script",
-          "grid", "grid_spec", "halving", "compare", "parallel")
+EXEMPT = ("resume", "workers", "device", "cache_dir", "gpu_cache", "compile", "deterministic", "out", "name",
+          "script", "grid", "grid_spec", "halving", "compare", "parallel")
 # Compared by what they resolve to (identity.py): --precision auto may mean bf16 on one machine and
 # fp32 on another; "identity" is the record itself, not an option.
 RESOLVED = ("precision", "identity")
@@ -95,6 +95,10 @@ def get_args_parser(defaults):
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
     a("--skip-bad", action="store_true", help="train without images that cannot be decoded instead of stopping")
     a("--cache-dir", default=None, help="decoded-image and feature caches (default DATA/.cache)")
+    a("--gpu-cache", default="auto", choices=("auto", "off"),
+      help="auto: decode caches stay in GPU memory while they fit in a quarter of what is free (batches "
+           "are cut from them there, no workers); off: every decode cache stays in host memory and batches "
+           "stream through the workers, which leaves the GPU's memory to training. Results are the same")
     a("--cache-frozen", default="auto", choices=("auto", "off"),
       help="auto: when the leading stages are frozen and training sees the evaluation framing "
            "(--augment none), compute their outputs once and train the rest on them; off: run them every step")

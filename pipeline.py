@@ -232,22 +232,42 @@ def load_or_build_cache(paths: list[str], geo: dict, cache_dir: str | None,
 # =============================================================================================
 # batches: uint8 from the cache or the CPU renderer, normalised once by the consumer
 # =============================================================================================
-def normalise_hwc(u8: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+def normalise_rows(pre: Preprocess, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalise_hwc's per-row patterns for images `width` px wide: (scale, shift), float32 [width*3]
+    on `device`. A Loader makes them once: built per batch, they would be a blocking host-to-device
+    copy, a stream synchronisation on CUDA."""
+    std = torch.tensor(pre.std, dtype=torch.float64)
+    scale = (1 / (255 * std)).float().repeat(width).to(device)
+    shift = (-torch.tensor(pre.mean, dtype=torch.float64) / std).float().repeat(width).to(device)
+    return scale, shift
+
+
+def normalise_hwc(u8: torch.Tensor, pre: Preprocess,
+                  rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 [B,H,W,3] -> float32 [B,3,H,W] (channels_last strides), (x / 255 - mean) / std.
 
     ToTensor + Normalize for a whole batch, on the tensor's device: a uint8 -> float copy,
     then one in-place multiply and add against per-row patterns of length W*3 (faster on the
     CPU than a broadcast over the size-3 channel axis). The result is NCHW in
     channels_last memory, the layout the models run in, so the loop's .to(channels_last)
-    copies nothing.
+    copies nothing. rows: normalise_rows(pre, W, u8.device), made here when not given.
     """
     B, H, W, _ = u8.shape
-    std = torch.tensor(pre.std, dtype=torch.float64)
-    scale = (1 / (255 * std)).float().repeat(W).to(u8.device)                  # [W*3]
-    shift = (-torch.tensor(pre.mean, dtype=torch.float64) / std).float().repeat(W).to(u8.device)
+    scale, shift = rows if rows is not None else normalise_rows(pre, W, u8.device)
     out = u8.to(torch.float32, memory_format=torch.contiguous_format)
     out.view(B * H, W * 3).mul_(scale).add_(shift)
     return out.permute(0, 3, 1, 2)
+
+
+def to_device(t: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host tensor or array (an index, labels, a plan) onto `device` without waiting for it: on
+    CUDA from pinned memory with non_blocking=True (the copy queues behind the running kernels and
+    the CPU goes on to the next batch); elsewhere as .to(device)."""
+    if isinstance(t, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(t))
+    if torch.device(device).type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def keep_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
@@ -361,6 +381,10 @@ class Loader:
             self.num_samples = len(np.array_split(np.arange(n), world_size)[rank])
         self._items = _Items()
         self._resident = None   # the whole uint8 cache as one tensor on the device, or None
+        # normalisation constants on the device, made once, not per batch (see normalise_rows)
+        self._mean = torch.tensor(pre.mean, device=device)
+        self._std = torch.tensor(pre.std, device=device)
+        self._rows = {}         # image width, px -> normalise_rows(pre, width, device)
         self._loader = torch.utils.data.DataLoader(
             _BatchSource(images, pre), batch_size=None, sampler=self._items,
             num_workers=workers, persistent_workers=workers > 0,
@@ -441,9 +465,7 @@ class Loader:
         streamed through the DataLoader (pinned on CUDA)."""
         if self._resident is not None:
             for b in self._batches:
-                idx = torch.from_numpy(self.rows[self._order_idx[b]]).to(self.device,
-                                                                         non_blocking=True)
-                yield b, self._resident[idx]
+                yield b, self._resident[to_device(self.rows[self._order_idx[b]], self.device)]
         else:
             for b, u8 in zip(self._batches, self._loader):
                 yield b, u8.to(self.device, non_blocking=True)
@@ -452,25 +474,32 @@ class Loader:
         """uint8 [B, H, W, 3] with the rows drawn for flipping mirrored (augment=flip)."""
         if self._flip is None:
             return u8
-        mask = self._flip[b].to(u8.device, non_blocking=True).view(-1, 1, 1, 1)
+        mask = to_device(self._flip[b], u8.device).view(-1, 1, 1, 1)
         return torch.where(mask, u8.flip(2), u8)
+
+    def _normalised(self, u8: torch.Tensor) -> torch.Tensor:
+        """normalise_hwc with this loader's rows for the batch's width, made at first use."""
+        width = u8.shape[2]
+        if width not in self._rows:
+            self._rows[width] = normalise_rows(self.pre, width, u8.device)
+        return normalise_hwc(u8, self.pre, self._rows[width])
 
     def __iter__(self):
         dev = self.device
         if self.gpu_augment:
             for b, u8 in self._device_batches():
-                y = self.labels[self._order_idx[b]].to(dev, non_blocking=True)
+                y = to_device(self.labels[self._order_idx[b]], dev)
                 if self._plan is None:
-                    yield normalise_hwc(self._flipped(u8, b), self.pre), y
+                    yield self._normalised(self._flipped(u8, b)), y
                 else:
-                    packed = pack_plan(self._plan, b).to(dev, non_blocking=True)
+                    packed = to_device(pack_plan(self._plan, b), dev)
                     blur = not np.isnan(self._plan["sigma"][b]).all()
-                    yield render_torch(u8, packed, crop=self.pre.crop, mean=self.pre.mean,
-                                       std=self.pre.std, blur=blur), y
+                    yield render_torch(u8, packed, crop=self.pre.crop, mean=self._mean,
+                                       std=self._std, blur=blur), y
         else:
             for b, u8 in zip(self._batches, self._loader):   # uint8 from the workers
-                y = self.labels[self._order_idx[b]].to(dev, non_blocking=True)
-                yield normalise_hwc(self._flipped(u8.to(dev, non_blocking=True), b), self.pre), y
+                y = to_device(self.labels[self._order_idx[b]], dev)
+                yield self._normalised(self._flipped(u8.to(dev, non_blocking=True), b)), y
 
 
 def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Preprocess,

@@ -169,6 +169,28 @@ kill_resume() {
 }
 kill_resume
 
+# Two processes on one GPU in --parallel trials mode: a four-trial grid with successive halving,
+# each trial trained whole by one process (on the CPU: gloo, one thread per process). PASSED when
+# the grid ends with four trials in results.csv and its halving.json.
+trials_grid() {
+    local name=torchrun-trials-grid dir="$RUNS/main_ResNet-18/trials-grid" rows
+    if ! python main_ResNet-18.py --help 2> /dev/null | grep -q -- '--parallel'; then
+        record FAILED "$name (main_ResNet-18.py has no --parallel option)"; return
+    fi
+    step "$name" "$LIMIT_S" "${TORCHRUN[@]}" --standalone --nproc_per_node 2 main_ResNet-18.py "${TRAIN[@]}" \
+        "${R18[@]}" --grid-spec "lr=1e-3,3e-4;batch_size=8,16" --halving 1 --epochs 2 --parallel trials --name trials-grid
+    [ "$RC" -ge 0 ] || return
+    rows=$(($(cat "$dir/results.csv" 2> /dev/null | wc -l) - 1))
+    if [ "$RC" -eq 0 ] && [ "$rows" -eq 4 ] && [ -f "$dir/halving.json" ]; then
+        record PASSED "$name ($TOOK s, 4 trials on 2 processes, halving from 1 epoch)"
+    elif [ "$RC" -eq 0 ]; then
+        record FAILED "$name (exit 0, but $((rows < 0 ? 0 : rows)) trials in results.csv$([ -f "$dir/halving.json" ] || echo ', no halving.json'))"
+    else
+        record FAILED "$name ($(why); last line: $(tail -n 1 "$WORK/$name.log"))"
+    fi
+}
+trials_grid
+
 # ----------------------------------------------------------------------------- the benches
 # bench NAME LIMIT_S CMD...: PASSED with the bench's figures (images_per_s=N, speedup...=R)
 bench() {
@@ -187,6 +209,18 @@ for recipe in resnet efficientnet_b4; do
         --batch-size "$BATCH" --workers "$WORKERS" --seconds "$SECONDS_EACH" --warmup $((2 * WARMUP)) --cache-dir "$CACHE" \
         --compare --repeats 1
 done
+# Stream synchronisations per training batch of each input path (bench/sync_check.py): on CUDA
+# counted under torch.cuda.set_sync_debug_mode("warn"), the target being 0; on the CPU, the calls
+# that would synchronise on CUDA. PASSED with the figure when it is 0.
+sync_size=()
+[ "$DEVICE" != cpu ] || sync_size=(--img-size 32)
+step sync-check 90 python bench/sync_check.py --data "$DATA" --device "$DEVICE" --batch-size "$BATCH" \
+    --workers "$WORKERS" --limit-per-class 4 --cache-dir "$CACHE" "${sync_size[@]}"
+if [ "$RC" -ge 0 ]; then
+    figure=$(grep -E '^(syncs|blocking_calls)_per_batch=' "$WORK/sync-check.log" | tail -n 1)
+    if [ "$RC" -eq 0 ]; then record PASSED "sync-check ($figure$([ "$DEVICE" != cpu ] || echo ' (cpu: calls that would sync on CUDA)'), $TOOK s)"
+    else record FAILED "sync-check (${figure:-$(why)}; where: the lines under each path in the log)"; fi
+fi
 # whole training steps, each architecture at its main script's --unfreeze default. On the CPU one
 # run per architecture, the four precision/input pairs taken in turn: each bench import costs
 # seconds there, and its figures mean nothing.

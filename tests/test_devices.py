@@ -137,8 +137,9 @@ def test_the_budget_counts_everything_resident():
 def test_the_out_of_memory_line_names_the_batch_size():
     import errors
 
-    assert errors.oom_message(64) == "out of GPU memory with --batch-size 64; try --batch-size 32"
-    assert errors.oom_message(3).endswith("try --batch-size 2")
+    assert errors.oom_message(64, "training", False) == \
+        "out of GPU memory in the training stage with --batch-size 64; try --batch-size 32"
+    assert errors.oom_message(3, "training", False).endswith("try --batch-size 2")
 
 
 def test_a_failure_on_one_rank_ends_every_rank_at_once(tmp_path):

@@ -155,7 +155,7 @@ def test_out_of_memory_names_the_batch_size_and_suggests_a_smaller_one(data, tmp
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(common, "train_one_epoch", oom)
-    with pytest.raises(SystemExit, match=r"out of GPU memory with --batch-size 8; try --batch-size 4"):
+    with pytest.raises(SystemExit, match=r"out of GPU memory in the training stage with --batch-size 8; try --batch-size 4"):
         common.fit(small_config(data, tmp_path))
 
 

@@ -2,7 +2,8 @@
 
 `DEVICE=cpu bash bench/gpu_check.sh DATA` runs every step of the device check shrunk (32 px,
 4 images per class, 1 epoch): a real run of each main_*.py, fp32, torchrun, kill and resume,
-the benches. About 2 minutes on 2 CPU cores; it checks the script and the product's CLI, not speed.
+a four-trial grid on two processes (--parallel trials), the benches and the sync check. About
+2 minutes on 2 CPU cores; it checks the script and the product's CLI, not speed.
 """
 import os
 import subprocess
@@ -12,7 +13,8 @@ from conftest import ROOT, extract_subset
 # every step of the CPU mode; fp16 is refused on a CPU, so it is skipped with that reason
 PASSED = ["train-resnet18", "train-resnet50", "train-resnet101", "train-efficientnet_b4",
           "train-efficientnet_lite0", "resnet18-fp32", "torchrun-resnet18", "kill-resume-resnet18",
-          "bench-data-resnet", "bench-data-efficientnet_b4", "bench-train-resnet18-bf16-synthetic",
+          "torchrun-trials-grid", "bench-data-resnet", "bench-data-efficientnet_b4", "sync-check",
+          "bench-train-resnet18-bf16-synthetic",
           "bench-train-resnet50-bf16-data", "bench-train-resnet101-fp32-synthetic",
           "bench-train-efficientnet_b4-fp32-data", "bench-train-efficientnet_lite0-bf16-synthetic"]
 

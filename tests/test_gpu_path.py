@@ -10,6 +10,7 @@ import common
 import devices
 import experiments
 import features
+import options
 
 FP16_ARGS = dict(precision="fp16")
 
@@ -23,9 +24,12 @@ def data(tmp_path_factory):
                           classes={"accordion", "anchor", "barrel", "bonsai", "brain"})
 
 
+DEFAULTS = dict(arch="resnet18", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3, weight_decay=1e-4,
+                unfreeze="last:1")
+
+
 def config(data, out, **over):
-    defaults = dict(arch="resnet18", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3, weight_decay=1e-4,
-                    unfreeze="last:1")
+    defaults = DEFAULTS
     args = common.get_args_parser(defaults).parse_args(
         ["--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "32", "--workers", "0",
          "--cache-dir", str(out / "cache")])
@@ -103,28 +107,77 @@ def test_the_budget_places_decode_caches_and_the_frozen_part_releases_them(data,
     assert sorted(set(released)) == ["test", "train", "val"]  # the frozen prefix's outputs replaced them
 
 
+def test_gpu_cache_off_keeps_every_decode_cache_in_host_memory_with_the_same_results(data, tmp_path, monkeypatch):
+    """The tensor path forced on the CPU, as on a GPU: --gpu-cache auto puts each decode cache the budget
+    allows in device memory, off none of them; the weights are the same, and a resume may change it."""
+    real_options, real_build, placed, ckpt = common.loader_options, common.build_loaders, {}, {}
+
+    def spy(run, budget, resident=None):
+        loaders, options = real_build(run, budget, resident)
+        placed[run.config["gpu_cache"]] = sorted(s for s, loader in loaders.items() if loader and loader.resident)
+        return loaders, options
+
+    monkeypatch.setattr(common, "loader_options", lambda *a, **k: dict(real_options(*a, **k), gpu_augment=True))
+    monkeypatch.setattr(common, "build_loaders", spy)
+    for mode in ("auto", "off"):
+        c = config(data, tmp_path, name=f"gpu-cache-{mode}", precision="fp32", epochs=1, cache_frozen="off")
+        assert c["gpu_cache"] == "auto"  # the default
+        c["gpu_cache"] = common.get_args_parser(DEFAULTS).parse_args(["--gpu-cache", mode]).gpu_cache
+        common.fit(c)
+        ckpt[mode] = last(c)
+    assert placed == {"auto": ["test", "train", "val"], "off": []}
+    assert same_weights(ckpt["auto"], ckpt["off"])
+    assert options.differing_options(ckpt["auto"]["config"], dict(ckpt["auto"]["config"], gpu_cache="off")) == []
+
+
 def oom(*a, **k):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@pytest.mark.parametrize("where", ["evaluate", "prefix", "probe", "features"])
-def test_out_of_memory_anywhere_ends_in_the_one_line(data, tmp_path, monkeypatch, where):
+GPU_CACHE_OFF = "--gpu-cache off (decode caches in host memory, same results)"
+NOTHING_TO_TURN_OFF = "the decode caches are in host memory already: free the GPU of other work or use a larger one"
+OOM_LINES = {  # (stage, decode caches resident) -> the line
+    ("training", True): f"out of GPU memory in the training stage with --batch-size 8; try {GPU_CACHE_OFF}, "
+                        f"then --batch-size 4",
+    ("training", False): "out of GPU memory in the training stage with --batch-size 8; try --batch-size 4",
+    ("frozen prefix", True): f"out of GPU memory in the frozen prefix stage; try {GPU_CACHE_OFF}, then --cache-frozen off",
+    ("frozen prefix", False): "out of GPU memory in the frozen prefix stage; try --cache-frozen off",
+    **{(stage, True): f"out of GPU memory in the {stage} stage; try {GPU_CACHE_OFF}"
+       for stage in ("evaluation", "probe", "features", "test")},
+    **{(stage, False): f"out of GPU memory in the {stage} stage; {NOTHING_TO_TURN_OFF}"
+       for stage in ("evaluation", "probe", "features", "test")},
+}
+
+
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("stage", ["training", "evaluation", "frozen prefix", "probe", "features", "test"])
+def test_out_of_memory_anywhere_ends_in_one_line_naming_the_stage(data, tmp_path, monkeypatch, stage, resident):
+    """The line names the stage; --gpu-cache off comes first where decode caches are resident (forced
+    here on the CPU), and half the batch size only in training, where the batch is what grew."""
     c = config(data, tmp_path, precision="fp32", epochs=1)
-    if where == "evaluate":
+    if stage == "training":
+        monkeypatch.setattr(common, "train_one_epoch", oom)
+    elif stage == "evaluation":
         monkeypatch.setattr(common, "evaluate", oom)
-    elif where == "prefix":
+    elif stage == "test":  # only the test pass keeps its worst mistakes
+        real = common.evaluate
+        monkeypatch.setattr(common, "evaluate", lambda *a, mistakes=0, **k: oom() if mistakes else
+                            real(*a, mistakes=mistakes, **k))
+    elif stage == "frozen prefix":
         monkeypatch.setattr(features, "outputs_of", oom)
         c.update(augment="none", unfreeze="last:1")
-    elif where == "probe":
-        monkeypatch.setattr(common, "linear_probe", oom)
+    elif stage == "probe":  # the probe's first step computes the features its head trains on
+        monkeypatch.setattr(features, "features_before_head", oom)
         c.update(probe_epochs=2, weights=str(lite_like_weights(tmp_path)))
     else:
         monkeypatch.setattr(features, "features_before_head", oom)
         c.update(unfreeze="head")
     with pytest.raises(SystemExit) as e:
-        common.fit(c)
-    assert str(e.value) == "error: out of GPU memory with --batch-size 8; try --batch-size 4"
-    assert not (common.run_dir_of(c) / "last.pth").exists()
+        common.fit(c, resident=resident)
+    assert str(e.value) == "error: " + OOM_LINES[stage, resident]
+    run_dir = common.run_dir_of(c)
+    assert not (run_dir / "metrics.json").exists()
+    assert (run_dir / "last.pth").exists() == (stage == "test")  # the epochs before it are kept
 
 
 def lite_like_weights(tmp_path):
@@ -147,7 +200,7 @@ def test_a_grid_trial_out_of_memory_is_recorded_and_the_grid_goes_on(data, tmp_p
     ranked = experiments.run(c, {}, set(), fit)
     by = {r["batch_size"]: r for r in ranked}
     assert by[16]["status"] == "failed"
-    assert by[16]["error"] == "out of GPU memory with --batch-size 16; try --batch-size 8"
+    assert by[16]["error"] == "out of GPU memory in the training stage with --batch-size 16; try --batch-size 8"
     assert by[8]["status"] == "done"
 
 

@@ -618,3 +618,61 @@ def test_unknown_choices_list_the_allowed_values(coord_samples):
         P.build_loader(coord_samples, train=True, preprocess=pre, augment="seed",
                        recipe="vgg", batch_size=4, workers=0, device=CPU, seed=0,
                        cache_dir=None, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# no stream synchronisation per batch
+# --------------------------------------------------------------------------------------------
+def host_copies():
+    """bench/sync_check.py's recorder of the calls that wait for a CUDA stream."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import sync_check
+    return sync_check
+
+
+@pytest.mark.parametrize("path,augment,train,resident", [
+    ("tensor", "seed", True, True), ("tensor", "seed", True, False), ("tensor", "none", True, True),
+    ("tensor", "flip", True, False), ("cpu", "seed", True, False), ("cpu", "flip", True, False),
+    ("tensor", "none", False, True), ("cpu", "none", False, False)])
+def test_batches_make_no_device_constant_and_copy_nothing_blocking(real_split, path, augment, train, resident):
+    """After a loader's first batch (which may make its normalisation rows), no batch builds a tensor
+    from Python numbers, copies to the device without non_blocking or reads a value back: on CUDA
+    each is a stream synchronisation. The constants are the same tensors in every batch and epoch,
+    and the batches are those of the per-batch normalisation (normalise_hwc without rows)."""
+    sync_check = host_copies()
+    samples = colour_samples(real_split)[:20]
+    pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
+    loader = P.build_loader(samples, train=train, preprocess=pre, augment=augment, recipe="resnet18", batch_size=4,
+                            workers=0, device=CPU, seed=3, cache_dir=None, progress=False,
+                            gpu_augment=PATHS[path], resident=resident)
+    constants = None
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        made = sync_check.blocking_calls(loader)
+        assert len(made) == len(loader) == 5
+        calls = [c for i, (c, _) in enumerate(made) if epoch or i]
+        assert calls == [[]] * len(calls), calls
+        now = [loader._mean, loader._std] + [t for rows in loader._rows.values() for t in rows]
+        assert constants is None or all(a is b for a, b in zip(now, constants)) and len(now) == len(constants)
+        constants = now
+    if augment == "none" and path == "cpu":   # the loader's rows give what rows made per batch give
+        u8 = P._BatchSource(loader.images, pre)[("hwc", loader.rows[:4])]
+        assert torch.equal(loader._normalised(u8), P.normalise_hwc(u8, pre))
+
+
+def test_cached_outputs_are_indexed_without_a_blocking_copy(real_split):
+    """features.CachedBatches: each batch's index reaches the outputs' device non_blocking (from
+    pinned memory on CUDA), not by a blocking copy."""
+    import features
+
+    sync_check = host_copies()
+    samples = colour_samples(real_split)[:12]
+    pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
+    loader = P.build_loader(samples, train=True, preprocess=pre, augment="none", recipe="resnet18", batch_size=4,
+                            workers=0, device=CPU, seed=0, cache_dir=None, progress=False)
+    outputs = torch.arange(len(samples) * 2, dtype=torch.float32).view(-1, 2)
+    cached = features.CachedBatches(loader, outputs)
+    made = sync_check.blocking_calls(cached)
+    assert [c for c, _ in made] == [[], [], []]
+    for idx, (_, (x, y)) in zip(cached.batch_indices(), made):
+        assert torch.equal(x, outputs[torch.from_numpy(idx)]) and torch.equal(y, loader.labels[idx])
