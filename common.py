@@ -680,7 +680,8 @@ def train_and_test(run, stop_after, resident):
         if writer is not None:
             writer.close()
         return {"stopped_at": last_epoch, "best_val_top1": progress.best["top1"],
-                "best_epoch": progress.best["epoch"], "train_seconds": round(progress.train_seconds, 2)}
+                "best_epoch": progress.best["epoch"], "train_seconds": round(progress.train_seconds, 2),
+                "processes": run.world}
     return test_pass(run, net, batches, loaders, progress, dtype, writer)
 
 

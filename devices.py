@@ -104,12 +104,14 @@ def init_distributed(device, world):
 
 def cpu_share():
     """This process's share of the machine's cores: all of them over the processes torchrun started
-    on this machine, unless OMP_NUM_THREADS asks for more than torchrun's default of 1."""
+    on this machine, unless the user set OMP_NUM_THREADS (torchrun sets it to 1 itself when it
+    starts several processes on a machine, so there only a value above 1 is the user's)."""
     asked = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if asked > 1:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if asked > 1 or (asked == 1 and local == 1):
         return asked
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cores // local)
 
 
 def start_trials_group():

@@ -320,7 +320,9 @@ def lock_folder(pool, root):
 def row_of(t, m, status, error="", val=None):
     m = m or {}
     seconds = m.get("train_seconds")
-    return {"model": t["arch"], "batch_size": t["batch_size"], "epochs": t["epochs"], "lr": t["lr"],
+    # the global batch: a trial trained by N processes together (--parallel ddp) stepped on N batches
+    return {"model": t["arch"], "batch_size": identity.batch_label(t["batch_size"], m.get("processes")),
+            "epochs": t["epochs"], "lr": t["lr"],
             "weight_decay": t["weight_decay"], "strategy": t["unfreeze"], "Top@1": m.get("test_top1"),
             "val_top1": m.get("best_val_top1", val), "test_top5": m.get("test_top5"),
             "mean_class_acc": m.get("test_mean_class_acc"),

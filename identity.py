@@ -18,6 +18,12 @@ def compute_identity(processes, batch_size, precision, device_type):
             "device_type": device_type}
 
 
+def batch_label(per_process, processes):
+    """The global batch a table shows: '64', or '256 (64 x 4)' where processes share each step."""
+    processes = processes or 1
+    return str(per_process) if processes == 1 else f"{per_process * processes} ({per_process} x {processes})"
+
+
 def file_changes(there, now):
     """'train/accordion: 1 image added' for each class folder that differs, in order."""
     out = []

@@ -30,11 +30,8 @@ def data(tmp_path_factory):
     return extract_subset(tmp_path_factory.mktemp("parallel"), per_class=10, classes=CLASSES, max_side=40)
 
 
-def env1(threads=1):
-    """The environment with OMP_NUM_THREADS=threads (None: left unset, as torchrun leaves it for one
-    process per node)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    return env if threads is None else dict(env, OMP_NUM_THREADS=str(threads))
+def env1():
+    return dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def torchrun(*args, nproc=2, extra=(), script="main_ResNet-18.py"):
@@ -46,8 +43,8 @@ def alone(*args, script="main_ResNet-18.py"):
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
 
-def run(cmd, timeout=600, threads=1):
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env1(threads))
+def run(cmd, timeout=600):
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env1())
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return r
 
@@ -66,16 +63,13 @@ def grid_record(root):
     return {"trials": trials, "results": rows, "halving": halving and halving["scores"]}
 
 
-def grid_alone(data, out, threads):
-    run(alone("--data", data, "--out", out, *TINY, *GRID), threads=threads)
-    return grid_record(out / "main_ResNet-18" / "grid")
-
-
 @pytest.fixture(scope="module")
 def one_process_grid(data, tmp_path_factory):
     """The four-trial halving grid in one process, one thread: what every parallel form must equal
     (fp32 on the CPU is bit-reproducible for a given thread count)."""
-    return grid_alone(data, tmp_path_factory.mktemp("grid1"), 1)
+    out = tmp_path_factory.mktemp("grid1")
+    run(alone("--data", data, "--out", out, *TINY, *GRID))
+    return grid_record(out / "main_ResNet-18" / "grid")
 
 
 def takes(stdout):
@@ -119,16 +113,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_agents_as_two_nodes_finish_the_grid_with_one_process_results(data, tmp_path):
-    """Each agent is a node of its own, so each process takes all the cores: 2 threads, as the one
-    process it is compared with."""
-    one_process_grid = grid_alone(data, tmp_path / "alone", 2)
+def test_two_agents_as_two_nodes_finish_the_grid_with_one_process_results(data, tmp_path, one_process_grid):
     port = free_port()
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "grid-test",
             str(ROOT / "main_ResNet-18.py"), "--data", str(data), "--out", str(tmp_path / "nodes"), *TINY, *GRID]
-    agents = [subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env1(None)) for _ in range(2)]
+    agents = [subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env1())
+              for _ in range(2)]
     outs = [a.communicate(timeout=600) for a in agents]
     assert [a.returncode for a in agents] == [0, 0], [o[1][-2000:] for o in outs]
     assert {p for o in outs for _, p in takes(o[0])} == {0, 1}  # both nodes trained
@@ -208,9 +199,9 @@ def test_a_setup_failure_on_one_rank_of_a_ddp_grid_fails_the_trial_on_every_rank
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env1())
     assert r.returncode == 0, r.stderr[-3000:]
     with open(tmp_path / "main_ResNet-18" / "grid" / "results.csv", newline="") as f:
-        rows = {row["trial"] if "trial" in row else row["run"].split("/")[-1]: row for row in csv.DictReader(f)}
-    status = {k.split("/")[-1]: v["status"] for k, v in rows.items()}
-    assert status == {"lr=0.001": "failed", "lr=0.0003": "done"}, status
+        rows = {row["run"].split("/")[-1]: row for row in csv.DictReader(f)}
+    assert {k: v["status"] for k, v in rows.items()} == {"lr=0.001": "failed", "lr=0.0003": "done"}
+    assert rows["lr=0.0003"]["batch_size"] == "128 (64 x 2)"  # the global batch, and per process
     assert r.stderr.count("trial lr=0.001 failed") == 2  # both ranks recorded it
     assert "process 1 of 2 failed: weights download refused" in r.stderr
     m = json.loads((tmp_path / "main_ResNet-18" / "grid" / "lr=0.0003" / "metrics.json").read_text())
@@ -265,3 +256,15 @@ def test_a_torchrun_run_leaves_its_process_group(data, tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     common.main(DEFAULTS, {}, ["--data", str(data), "--out", str(tmp_path), *TINY, "--epochs", "1"], script="t")
     assert (tmp_path / "t").is_dir() and not dist.is_initialized()
+
+
+def test_each_process_takes_its_share_of_the_cores_unless_the_user_set_the_threads(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    cases = [("1", "4", 4), ("1", "1", 1), (None, "1", 16), (None, "8", 2), ("3", "4", 3)]
+    for omp, local, want in cases:  # OMP_NUM_THREADS (torchrun's 1 where it starts several), processes here
+        if omp is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", omp)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert devices.cpu_share() == want, (omp, local)
