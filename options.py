@@ -12,11 +12,25 @@ from errors import fail
 from nets import ARCHS, parse_unfreeze, weights_preprocess
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The options a scratch recipe sets (default None), and their values for pretrained weights (today's).
+# optimizer stays None on the pretrained side until the run starts (adamw): the comparison's random side
+# is made from the pretrained config, and a None optimizer tells scratch_rules its recipe is still open.
+RECIPE_OPTIONS = {"optimizer": "adamw", "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0,
+                  "ema": 0.0}
+# --scratch-recipe: what a network trained from random weights gets (docs/RESULTS.md#scratch).
+# original: the original scripts' recipe, the script's own --lr/--weight-decay/--augment with AdamW.
+SCRATCH_RECIPES = {
+    "original": dict(optimizer="adamw", zero_init_residual="off", mixup=0.0, cutmix=0.0, erasing=0.0, ema=0.0),
+    "tuned": dict(optimizer="sgd", lr=0.2, weight_decay=5e-5, augment="light", zero_init_residual="on",
+                  mixup=0.0, cutmix=0.0, erasing=0.0, ema=0.0),
+}
 # Options that cannot change a run's results: a resumed or reused run may differ in these.
-EXEMPT = ("resume", "workers", "device", "cache_dir", "compile", "deterministic", "out", "name", "script",
+EXEMPT = ("explicit", "resume", "workers", "device", "cache_dir", "compile", "deterministic", "out", "name", "script",
           "grid", "grid_spec", "halving", "compare")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
-LEGACY = {"crop_mode": "center", "split_seed": None}
+# Runs older than --scratch-recipe trained without its options (optimizer None: AdamW, as pretrained runs now).
+LEGACY = {"crop_mode": "center", "split_seed": None, "scratch_recipe": "tuned", "optimizer": None,
+          "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -33,6 +47,24 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line instead of argparse's usage block."""
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse, and `explicit`: the sorted dests given on the command line (what a scratch
+        recipe must not override)."""
+        ns, rest = super().parse_known_args(args, namespace)
+        if not getattr(self, "_probing", False):
+            saved = [(a, a.default) for a in self._actions]
+            self._probing = True
+            try:
+                for a, _ in saved:
+                    a.default = argparse.SUPPRESS
+                given = vars(super().parse_known_args(args)[0])
+            finally:
+                for a, d in saved:
+                    a.default = d
+                self._probing = False
+            ns.explicit = sorted(given)
+        return ns, rest
 
 
 def get_args_parser(defaults):
@@ -90,6 +122,27 @@ def get_args_parser(defaults):
       help="pretrained weights: first train the new head alone this many epochs on cached features at "
            "10 x --lr (linear probe, then fine-tune: LP-FT); 0 = off")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
+    a("--scratch-recipe", default="tuned", choices=SCRATCH_RECIPES,
+      help="--weights none: tuned (this project's, chosen on validation: docs/RESULTS.md#scratch) or original "
+           "(the original scripts': AdamW at the script's --lr, --augment seed); options given on the command "
+           "line win over either")
+    a("--optimizer", default=None, choices=("adamw", "sgd"),
+      help="adamw, or sgd with Nesterov momentum 0.9 (default: adamw; with --weights none, the --scratch-recipe's)")
+    a("--zero-init-residual", default=None, choices=("on", "off"),
+      help="ResNets trained from random weights: the last BatchNorm of each residual block starts at zero "
+           "(torchvision's zero_init_residual) (default: off; with --weights none, the --scratch-recipe's)")
+    a("--mixup", type=float, default=None,
+      help="MixUp alpha: each batch blended with itself reversed, labels alike (0 = off; with --cutmix too, "
+           "one of the two per batch) (default: 0; with --weights none, the --scratch-recipe's)")
+    a("--cutmix", type=float, default=None,
+      help="CutMix alpha: a box of each image pasted from another, labels by area (0 = off) "
+           "(default: 0; with --weights none, the --scratch-recipe's)")
+    a("--erasing", type=float, default=None,
+      help="random erasing probability per training image (a box set to the mean colour: 0 after "
+           "normalisation) (default: 0; with --weights none, the --scratch-recipe's)")
+    a("--ema", type=float, default=None,
+      help="decay per step of an exponential moving average of the weights, which validation, best.pth, the "
+           "test and predict.py use (0 = off) (default: 0; with --weights none, the --scratch-recipe's)")
     a("--skip-bad", action="store_true", help="train without images that cannot be decoded instead of stopping")
     a("--cache-dir", default=None, help="decoded-image and feature caches (default DATA/.cache)")
     a("--cache-frozen", default="auto", choices=("auto", "off"),
@@ -136,13 +189,27 @@ def resolve_config(args, defaults, script):
 
 def scratch_rules(c, unfreeze_given=False):
     """--weights none: the settings a random network needs whatever else was asked. The one place
-    for them: single runs, grid trials and the comparison's random side. -> c, changed in place."""
-    if c["weights"] == "none":
+    for them: single runs, grid trials and the comparison's random side. -> c, changed in place.
+
+    The --scratch-recipe's values (SCRATCH_RECIPES) fill what is still open: the recipe options that
+    are None, and the shared ones (lr, augment, ...) unless c["explicit"] names them (given on the
+    command line). They are filled once: a config whose optimizer is already set keeps its values
+    (grid trials vary lr and the rest on a resolved config)."""
+    scratch = c["weights"] == "none"
+    if scratch:
         if not unfreeze_given:
             c["unfreeze"] = "all"  # nothing pretrained to keep frozen
         c["backbone_lr_ratio"] = 1.0  # nothing pretrained to protect: one lr for every layer
         c["bn_stats"] = "train"  # a random network's running statistics mean nothing yet
         c["probe_epochs"] = 0  # no features worth probing
+        chosen = SCRATCH_RECIPES[c.get("scratch_recipe") or "original"]
+        open_shared = c.get("optimizer") is None
+        for k, v in chosen.items():
+            if c.get(k) is None or (open_shared and k not in c.get("explicit", ())):
+                c[k] = v
+    for k, v in RECIPE_OPTIONS.items():  # pretrained: today's choices
+        if c.get(k) is None and not (scratch or k == "optimizer"):
+            c[k] = v
     return c
 
 
