@@ -13,19 +13,18 @@ from nets import ARCHS, parse_unfreeze, weights_preprocess
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The options a scratch recipe sets (default None), and their values for pretrained weights (today's).
-# optimizer stays None on the pretrained side until the run starts (adamw): the comparison's random side
-# is made from the pretrained config, and a None optimizer tells scratch_rules its recipe is still open.
+# optimizer stays None on the pretrained side (adamw when the run starts).
 RECIPE_OPTIONS = {"optimizer": "adamw", "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0,
                   "ema": 0.0}
 # --scratch-recipe: what a network trained from random weights gets (docs/RESULTS.md#scratch).
 # original: the original scripts' recipe, the script's own --lr/--weight-decay/--augment with AdamW.
 SCRATCH_RECIPES = {
     "original": dict(optimizer="adamw", zero_init_residual="off", mixup=0.0, cutmix=0.0, erasing=0.0, ema=0.0),
-    "tuned": dict(optimizer="sgd", lr=0.2, weight_decay=5e-5, augment="light", zero_init_residual="on",
+    "tuned": dict(optimizer="sgd", lr=0.1, weight_decay=5e-5, augment="light", zero_init_residual="on",
                   mixup=0.0, cutmix=0.0, erasing=0.0, ema=0.0),
 }
 # Options that cannot change a run's results: a resumed or reused run may differ in these.
-EXEMPT = ("explicit", "resume", "workers", "device", "cache_dir", "compile", "deterministic", "out", "name", "script",
+EXEMPT = ("explicit", "scratch_filled", "resume", "workers", "device", "cache_dir", "compile", "deterministic", "out", "name", "script",
           "grid", "grid_spec", "halving", "compare")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
 # Runs older than --scratch-recipe trained without its options (optimizer None: AdamW, as pretrained runs now).
@@ -122,7 +121,7 @@ def get_args_parser(defaults):
       help="pretrained weights: first train the new head alone this many epochs on cached features at "
            "10 x --lr (linear probe, then fine-tune: LP-FT); 0 = off")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
-    a("--scratch-recipe", default="tuned", choices=SCRATCH_RECIPES,
+    a("--scratch-recipe", default=d.get("scratch_recipe", "tuned"), choices=SCRATCH_RECIPES,
       help="--weights none: tuned (this project's, chosen on validation: docs/RESULTS.md#scratch) or original "
            "(the original scripts': AdamW at the script's --lr, --augment seed); options given on the command "
            "line win over either")
@@ -193,8 +192,8 @@ def scratch_rules(c, unfreeze_given=False):
 
     The --scratch-recipe's values (SCRATCH_RECIPES) fill what is still open: the recipe options that
     are None, and the shared ones (lr, augment, ...) unless c["explicit"] names them (given on the
-    command line). They are filled once: a config whose optimizer is already set keeps its values
-    (grid trials vary lr and the rest on a resolved config)."""
+    command line). They are filled once (scratch_filled): grid trials vary lr and the rest on a
+    resolved config, and keep their values."""
     scratch = c["weights"] == "none"
     if scratch:
         if not unfreeze_given:
@@ -203,10 +202,11 @@ def scratch_rules(c, unfreeze_given=False):
         c["bn_stats"] = "train"  # a random network's running statistics mean nothing yet
         c["probe_epochs"] = 0  # no features worth probing
         chosen = SCRATCH_RECIPES[c.get("scratch_recipe") or "original"]
-        open_shared = c.get("optimizer") is None
+        open_shared = not c.get("scratch_filled")
         for k, v in chosen.items():
             if c.get(k) is None or (open_shared and k not in c.get("explicit", ())):
                 c[k] = v
+        c["scratch_filled"] = True
     for k, v in RECIPE_OPTIONS.items():  # pretrained: today's choices
         if c.get(k) is None and not (scratch or k == "optimizer"):
             c[k] = v
@@ -228,6 +228,10 @@ def check_config(c):
         (c["limit_per_class"] is None or c["limit_per_class"] >= 1,
          f"--limit-per-class must be at least 1 (got {c['limit_per_class']})"),
         (0 <= c["label_smoothing"] < 1, f"--label-smoothing must be within [0, 1) (got {c['label_smoothing']})"),
+        ((c.get("mixup") or 0) >= 0 and (c.get("cutmix") or 0) >= 0,
+         f"--mixup and --cutmix must be >= 0 (got {c.get('mixup')}, {c.get('cutmix')})"),
+        (0 <= (c.get("erasing") or 0) <= 1, f"--erasing must be within [0, 1] (got {c.get('erasing')})"),
+        (0 <= (c.get("ema") or 0) < 1, f"--ema must be within [0, 1) (got {c.get('ema')})"),
         (c["weights"] in ("imagenet", "none") or Path(c["weights"]).is_file(),
          f"--weights {c['weights']}: not imagenet, none, or an existing file"),
     ]

@@ -40,6 +40,8 @@ def test_tuned_recipe_is_the_default_and_the_command_line_wins():
     assert {k: c[k] for k in tuned} == tuned
     c = config(["--weights", "none", "--lr", "0.05", "--augment", "seed", "--ema", "0"])
     assert (c["lr"], c["augment"], c["ema"], c["optimizer"]) == (0.05, "seed", 0.0, tuned["optimizer"])
+    c = config(["--weights", "none", "--optimizer", "adamw"])
+    assert (c["optimizer"], c["lr"], c["zero_init_residual"]) == ("adamw", tuned["lr"], "on")
     # pretrained: today's defaults, whatever --scratch-recipe says
     p = config([])
     assert (p["optimizer"], p["lr"], p["augment"], p["zero_init_residual"], p["ema"], p["mixup"]) == \
