@@ -411,7 +411,7 @@ def erase_params(n: int, h: int, w: int, p: float, generator: torch.Generator | 
     torchvision)."""
     g = dict(generator=generator, device=device)
     area = h * w
-    target = area * torch.empty(n, 10, **{"device": device}).uniform_(*ERASE_SCALE, generator=generator)
+    target = area * torch.empty(n, 10, device=device).uniform_(*ERASE_SCALE, generator=generator)
     log_r = torch.log(torch.tensor(ERASE_RATIO))
     aspect = torch.exp(torch.empty(n, 10, device=device).uniform_(float(log_r[0]), float(log_r[1]),
                                                                    generator=generator))

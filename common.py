@@ -500,8 +500,8 @@ def checkpoint_state(run, optim, progress, epoch):
     c = run.config
     evaluated = run.ema.module if run.ema is not None else run.model
     online = {"online_model": run.model.state_dict(), "ema_steps": int(run.ema.n_averaged)} if run.ema else {}
-    return {"model": evaluated.state_dict(), **online, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "config": c, "classes": run.classes,
+    return {"model": evaluated.state_dict(), **online, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "config": c, "classes": run.classes,
             "arch": c["arch"], "preprocess": preprocess_dict(make_preprocess(c["arch"], c["img_size"], c["crop_mode"])),
             "best": progress.best, "train_seconds": progress.train_seconds,
             "images_trained": progress.images_trained, **devices.rng_state(run.device)}
