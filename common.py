@@ -446,8 +446,9 @@ def trained_net(run, loaders, frozen):
 
 
 def make_optimizer(run, steps_per_epoch):
-    """AdamW, the schedule and (fp16) the scaler, restored from the checkpoint when resuming -> their
-    tuple and the Progress so far."""
+    """AdamW (or Nesterov SGD, --optimizer), the schedule and (fp16) the scaler, restored from the
+    checkpoint when resuming -> their tuple and the Progress so far. Also sets run.ema and
+    run.batch_augment, and zero-initialises residual blocks of a fresh random network when asked."""
     c = run.config
     groups = param_groups(run.model, c["arch"], c["lr"], c["weight_decay"], c["backbone_lr_ratio"])
     if c.get("optimizer") == "sgd":
@@ -460,7 +461,7 @@ def make_optimizer(run, steps_per_epoch):
     ck = run.ckpt
     if c.get("zero_init_residual") == "on" and c["weights"] == "none" and not ck:
         nets.zero_init_residual(run.model)
-    run.ema = averaged_model(run, optimizer, steps_per_epoch)
+    run.ema = averaged_model(run, optimizer)
     run.batch_augment = augment.batch_augment(c.get("erasing") or 0.0, c.get("mixup") or 0.0,
                                               c.get("cutmix") or 0.0, len(run.classes))
     if ck:
@@ -476,7 +477,7 @@ def make_optimizer(run, steps_per_epoch):
     return (optimizer, scheduler, scaler), progress
 
 
-def averaged_model(run, optimizer, steps_per_epoch):
+def averaged_model(run, optimizer):
     """--ema: an exponential moving average of run.model's weights and BatchNorm statistics, updated
     after every optimizer step (a step the fp16 scaler skips is no step) -> AveragedModel or None."""
     decay = run.config.get("ema") or 0.0
@@ -501,7 +502,8 @@ def checkpoint_state(run, optim, progress, epoch):
     evaluated = run.ema.module if run.ema is not None else run.model
     online = {"online_model": run.model.state_dict(), "ema_steps": int(run.ema.n_averaged)} if run.ema else {}
     return {"model": evaluated.state_dict(), **online, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "config": c, "classes": run.classes,
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "epoch": epoch,
+            "config": c, "classes": run.classes,
             "arch": c["arch"], "preprocess": preprocess_dict(make_preprocess(c["arch"], c["img_size"], c["crop_mode"])),
             "best": progress.best, "train_seconds": progress.train_seconds,
             "images_trained": progress.images_trained, **devices.rng_state(run.device)}

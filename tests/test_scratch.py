@@ -166,3 +166,15 @@ def test_ema_is_refused_where_the_frozen_part_runs_once(tiny_split, tmp_path):
                         "--out", str(tmp_path), "--weights", "none"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and "--ema averages the whole network" in r.stderr
+
+
+def test_configs_written_before_the_scratch_options_still_match():
+    """A pretrained run's config.json from before these options: resuming it finds no difference."""
+    now = config([])
+    old = {k: v for k, v in now.items() if k not in list(options.RECIPE_OPTIONS) + ["scratch_recipe", "explicit"]}
+    assert options.differing_options(old, now) == []
+    # a random-init run of then differs from today's tuned default, and says so
+    then = {k: v for k, v in config(["--weights", "none", "--scratch-recipe", "original"]).items()
+            if k not in list(options.RECIPE_OPTIONS) + ["scratch_recipe", "explicit", "scratch_filled"]}
+    diff = options.describe_differences(options.differing_options(then, config(["--weights", "none"])))
+    assert "--lr 0.0003 there, 0.001 now" in diff
