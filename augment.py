@@ -14,7 +14,11 @@ cached uint8 images, by PIL per image (the loader workers) or by batched tensor 
 Sources are rows of the train cache that pipeline.py builds (a canvas of resize x long_side,
 portrait images stored transposed); this module imports nothing from pipeline.
 
-Sections: recipes · random parameters · CPU rendering · tensor rendering.
+Batch augmentation (on normalised batches in the training loop, either path, any device): random
+erasing per image (erase_params / erase_batch, torchvision's RandomErasing), and torchvision's
+MixUp / CutMix on the batch and its labels (batch_augment).
+
+Sections: recipes · random parameters · CPU rendering · tensor rendering · batch augmentation.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from PIL import Image
 
 
 # =============================================================================================
-# recipes
+# recipes: an augmentation recipe is a dict of _recipe's fields; SEED_RECIPES are named by the
+# original script they reproduce (nets.ARCHS' seed_recipe)
 # =============================================================================================
 AUGMENTS = ("seed", "light", "flip", "none")
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)   # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
@@ -72,14 +77,15 @@ LIGHT_RECIPE = _recipe(scale=(0.08, 1.0), flip=0.5)   # torchvision references' 
 FLIP_P = 0.5
 
 
-def train_recipe(augment: str, recipe: str) -> dict | None:
-    """The augmentation dict for (augment, recipe); None for 'none' and 'flip' (evaluation
-    preprocessing; 'flip' mirrors it, see FLIP_P)."""
+def train_recipe(augment: str, seed_recipe: str) -> dict | None:
+    """The augmentation recipe (dict) for --augment `augment` of an architecture whose original
+    script is `seed_recipe` (nets.ARCHS, a SEED_RECIPES name); None for 'none' and 'flip'
+    (evaluation preprocessing; 'flip' mirrors it, see FLIP_P)."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTS)}")
-    if recipe not in SEED_RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(SEED_RECIPES)}")
-    return {"seed": SEED_RECIPES[recipe], "light": LIGHT_RECIPE, "flip": None, "none": None}[augment]
+    if seed_recipe not in SEED_RECIPES:
+        raise ValueError(f"unknown seed recipe {seed_recipe!r}; choose from {', '.join(SEED_RECIPES)}")
+    return {"seed": SEED_RECIPES[seed_recipe], "light": LIGHT_RECIPE, "flip": None, "none": None}[augment]
 
 
 # =============================================================================================
@@ -391,3 +397,67 @@ def render_torch(src: torch.Tensor, packed: torch.Tensor, *, crop: int,
     out = torch.maximum(torch.minimum(out, hi), lo)               # ToTensor's [0, 1] range
     return torch.where(keep | ~persp.view(B, 1, 1, 1), out, lo)
 
+
+
+# =============================================================================================
+# batch augmentation: normalised [B,3,H,W] batches in the training loop
+# =============================================================================================
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)   # RandomErasing's defaults: area share, aspect h/w
+
+
+def erase_params(n: int, h: int, w: int, p: float, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """RandomErasing.make_params for n images at once -> long [n, 4] = (i, j, eh, ew) boxes, px;
+    eh = 0 where an image is not erased (probability 1 - p, or no box fitted in 10 attempts, as
+    torchvision)."""
+    g = dict(generator=generator, device=device)
+    area = h * w
+    target = area * torch.empty(n, 10, device=device).uniform_(*ERASE_SCALE, generator=generator)
+    log_r = torch.log(torch.tensor(ERASE_RATIO))
+    aspect = torch.exp(torch.empty(n, 10, device=device).uniform_(float(log_r[0]), float(log_r[1]),
+                                                                   generator=generator))
+    eh = torch.round(torch.sqrt(target * aspect)).long()
+    ew = torch.round(torch.sqrt(target / aspect)).long()
+    ok = (eh < h) & (ew < w)
+    first = ok.int().argmax(1)
+    rows = torch.arange(n, device=device)
+    eh, ew = eh[rows, first], ew[rows, first]
+    u, v = torch.rand(n, **g), torch.rand(n, **g)
+    i = torch.floor(u * (h - eh + 1)).long()
+    j = torch.floor(v * (w - ew + 1)).long()
+    on = (torch.rand(n, **g) < p) & ok.any(1)
+    return torch.stack([i, j, eh * on, ew * on], 1)
+
+
+def erase_batch(x: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """torchvision's erase(img, i, j, h, w, v=value) on every image of [B,C,H,W] x at once, each with
+    its own box (erase_params) -> a new tensor. 0 on a normalised batch is the data set's mean colour."""
+    B, _, H, W = x.shape
+    i, j, eh, ew = (boxes[:, k].view(B, 1, 1) for k in range(4))
+    r = torch.arange(H, device=x.device).view(1, H, 1)
+    c = torch.arange(W, device=x.device).view(1, 1, W)
+    inside = (r >= i) & (r < i + eh) & (c >= j) & (c < j + ew)     # [B, H, W]
+    return x.masked_fill(inside[:, None], value)
+
+
+def batch_augment(erasing: float, mixup: float, cutmix: float, num_classes: int):
+    """The training loop's batch step for --erasing p, --mixup alpha, --cutmix alpha (0 = off) ->
+    callable (x, y) -> (x, target), or None when all are off. target: y, or class probabilities
+    [B, num_classes] under MixUp/CutMix (torchvision.transforms.v2; with both, one of the two per
+    batch, as torchvision's reference scripts). Draws from torch's global generator (--seed)."""
+    from torchvision.transforms import v2
+
+    mixes = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
+            ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
+    mix = None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+    if not (erasing or mix):
+        return None
+
+    def step(x, y):
+        if erasing:
+            x = erase_batch(x, erase_params(len(x), x.shape[2], x.shape[3], erasing, device=x.device))
+        if mix is not None:
+            x, y = mix(x, y)
+        return x, y
+
+    return step

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import augment
 import devices
 import experiments
 import features
 import identity
+import nets
 import pipeline
 import records
 from errors import fail, oom_message
@@ -48,7 +50,7 @@ def prepare_data(config):
 def loader_options(config, device, rank=0, world=1, tensor_path=None):
     """The keyword arguments every pipeline.build_loader call of a run shares."""
     return dict(preprocess=make_preprocess(config["arch"], config["img_size"], config["crop_mode"]),
-                recipe=ARCHS[config["arch"]].recipe, workers=config["workers"], device=device,
+                seed_recipe=ARCHS[config["arch"]].seed_recipe, workers=config["workers"], device=device,
                 seed=config["seed"], cache_dir=config["cache_dir"] or str(Path(config["data"]) / ".cache"),
                 rank=rank, world_size=world, skip_bad=config["skip_bad"], progress=rank == 0,
                 gpu_augment=tensor_path)
@@ -92,8 +94,10 @@ def top5_correct(logits, y):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtype, *, epoch, scaler=None,
-                    clip=1.0, progress=True, bn_stats="train"):
+                    clip=1.0, progress=True, bn_stats="train", batch_augment=None):
     """One pass over the loader (images, or cached outputs of a frozen part).
+    batch_augment: (x, y) -> (x, target) on each batch (augment.batch_augment: erasing, MixUp/CutMix,
+    whose targets are class probabilities; top-1 then counts the dominant class).
     -> {loss, top1, images, seconds}, summed over processes."""
     from tqdm import tqdm
 
@@ -108,9 +112,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtyp
     for step, (x, y) in enumerate(bar, 1):
         if x.ndim == 4:
             x = x.to(memory_format=torch.channels_last)
+        target = y
+        if batch_augment is not None:
+            x, target = batch_augment(x, y)
+            y = target.argmax(1) if target.ndim == 2 else target
         with autocast(device, dtype):
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
         backward_and_step(loss, optimizer, params, scaler, clip)
         scheduler.step()
         step_losses.append(loss.detach())
@@ -266,6 +274,8 @@ class Run:
     lock: records.FolderLock  # held by rank 0 while the run writes its folder
     defaults: dict | None  # the script's default config: the header names what differs
     stage: Stage = field(default_factory=Stage)  # fit()'s, for the out-of-memory line
+    ema: object = None  # AveragedModel of model (--ema), what validation and best.pth use; set by make_optimizer
+    batch_augment: object = None  # augment.batch_augment's callable (--erasing, --mixup, --cutmix) or None
 
 
 @dataclass
@@ -493,16 +503,29 @@ def trained_net(run, loaders, frozen):
 
 
 def make_optimizer(run, steps_per_epoch):
-    """AdamW, the schedule and (fp16) the scaler, restored from the checkpoint when resuming -> their
-    tuple and the Progress so far."""
+    """AdamW (or Nesterov SGD, --optimizer), the schedule and (fp16) the scaler, restored from the
+    checkpoint when resuming -> their tuple and the Progress so far. Also sets run.ema and
+    run.batch_augment, and zero-initialises residual blocks of a fresh random network when asked."""
     c = run.config
-    optimizer = torch.optim.AdamW(param_groups(run.model, c["arch"], c["lr"], c["weight_decay"],
-                                               c["backbone_lr_ratio"]))
+    groups = param_groups(run.model, c["arch"], c["lr"], c["weight_decay"], c["backbone_lr_ratio"])
+    if c.get("optimizer") == "sgd":
+        optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups)
     scheduler = lr_schedule(optimizer, steps_per_epoch, c["epochs"])
     scaler = devices.grad_scaler(run.device, run.dtype) if not head_only(c, run.world) else None
     progress = Progress(best={"top1": -1.0, "epoch": 0})
     ck = run.ckpt
+    if c.get("zero_init_residual") == "on" and c["weights"] == "none" and not ck:
+        nets.zero_init_residual(run.model)
+    run.ema = averaged_model(run, optimizer)
+    run.batch_augment = augment.batch_augment(c.get("erasing") or 0.0, c.get("mixup") or 0.0,
+                                              c.get("cutmix") or 0.0, len(run.classes))
     if ck:
+        if run.ema is not None and ck.get("online_model") is not None:  # "model" holds the averaged weights
+            run.ema.module.load_state_dict(ck["model"])
+            run.ema.n_averaged.fill_(ck["ema_steps"])
+            run.model.load_state_dict(ck["online_model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         if scaler is not None and ck.get("scaler"):
@@ -511,12 +534,33 @@ def make_optimizer(run, steps_per_epoch):
     return (optimizer, scheduler, scaler), progress
 
 
+def averaged_model(run, optimizer):
+    """--ema: an exponential moving average of run.model's weights and BatchNorm statistics, updated
+    after every optimizer step (a step the fp16 scaler skips is no step) -> AveragedModel or None."""
+    decay = run.config.get("ema") or 0.0
+    if not decay:
+        return None
+    frozen = not all(p.requires_grad for p in run.model.parameters())
+    if head_only(run.config, run.world) or (frozen and frozen_wanted(run)):
+        fail("--ema averages the whole network: it needs the images path (not --unfreeze head or cached "
+             "frozen outputs; pass --cache-frozen off)")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(run.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    optimizer.register_step_post_hook(lambda *_: ema.update_parameters(run.model))
+    return ema
+
+
 def checkpoint_state(run, optim, progress, epoch, rng):
-    """What best.pth and last.pth hold; rng: devices.rng_state, taken on every rank."""
+    """"model": the weights evaluated (the averaged ones under --ema, "online_model" then holds the
+    trained ones, which a resumed run continues); rng: devices.rng_state, taken on every rank."""
     optimizer, scheduler, scaler = optim
     c = run.config
-    return {"model": run.model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "config": c, "classes": run.classes,
+    evaluated = run.ema.module if run.ema is not None else run.model
+    online = {"online_model": run.model.state_dict(), "ema_steps": int(run.ema.n_averaged)} if run.ema else {}
+    return {"model": evaluated.state_dict(), **online, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "epoch": epoch,
+            "config": c, "classes": run.classes,
             "arch": c["arch"], "preprocess": preprocess_dict(make_preprocess(c["arch"], c["img_size"], c["crop_mode"])),
             "best": progress.best, "train_seconds": progress.train_seconds,
             "images_trained": progress.images_trained, **rng}
@@ -578,14 +622,15 @@ def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
         run.stage.name = "training"
         try:
             tm = train_one_epoch(net, batches["train"], optimizer, scheduler, criterion, run.device, dtype,
-                                 epoch=epoch, scaler=scaler, progress=run.rank == 0, bn_stats=c["bn_stats"])
+                                 epoch=epoch, scaler=scaler, progress=run.rank == 0, bn_stats=c["bn_stats"],
+                                 batch_augment=run.batch_augment)
         except NonFiniteLoss as e:
             fail(str(e))
         progress.train_seconds += tm["seconds"]
         progress.images_trained += tm["images"]
         run.stage.name = "evaluation"
-        vm = evaluate(net, batches["val"], criterion, run.device, dtype, len(run.classes)) \
-            if batches["val"] is not None else None
+        vm = evaluate(run.ema.module if run.ema else net, batches["val"], criterion, run.device, dtype,
+                      len(run.classes)) if batches["val"] is not None else None
         improved = vm is None or improves(vm, progress.best)
         if improved:
             progress.best = best_record(vm, epoch)

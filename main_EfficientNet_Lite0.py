@@ -18,6 +18,7 @@ DEFAULTS = dict(
     # docs/RESULTS.md#lite0.
     epochs=5,
     scratch_epochs=4,  # --weights none
+    scratch_recipe="original",  # --weights none: the tuned one is ResNet-18's
     lr=3e-4,  # fine-tuning, head and backbone alike (below); the probe runs at 10 * lr
     # One rate for backbone and head: after the probe the head needs no protection from a faster
     # backbone; chosen on validation, docs/RESULTS.md#lite0.

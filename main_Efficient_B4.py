@@ -13,6 +13,7 @@ DEFAULTS = dict(
     batch_size=64,
     epochs=30,
     scratch_epochs=50,
+    scratch_recipe="original",  # --weights none: the tuned one is ResNet-18's
     lr=3e-4,  # head; backbone lr = lr * 0.1
     weight_decay=1e-4,
     unfreeze="last:6",  # features[3:9], the original's features[-6:]

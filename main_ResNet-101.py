@@ -13,6 +13,7 @@ DEFAULTS = dict(
     batch_size=32,
     epochs=50,
     scratch_epochs=50,
+    scratch_recipe="tuned",  # --weights none: ResNet-18's, not measured here
     lr=5e-4,  # head; backbone lr = lr * 0.1
     weight_decay=1e-5,
     unfreeze="last:2",  # layer3, layer4

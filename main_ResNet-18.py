@@ -2,7 +2,8 @@
 random weights with --weights none: the study's baseline.
 
     python main_ResNet-18.py                  # pretrained: the original table's row
-    python main_ResNet-18.py --weights none   # random init, every layer, 50 epochs
+    python main_ResNet-18.py --weights none   # random init, every layer, 50 epochs, the tuned scratch recipe
+    python main_ResNet-18.py --weights none --scratch-recipe original   # the original's scratch row
     python main_ResNet-18.py --grid           # the grid below, ranked on validation
 
 The original's figures and ours: docs/RESULTS.md#resnet18.
@@ -14,6 +15,7 @@ DEFAULTS = dict(
     batch_size=64,
     epochs=30,  # pretrained
     scratch_epochs=50,  # --weights none
+    scratch_recipe="tuned",  # --weights none: docs/RESULTS.md#scratch
     lr=3e-4,  # head; backbone lr = lr * 0.1
     weight_decay=1e-5,
     unfreeze="last:1",  # layer4

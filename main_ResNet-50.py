@@ -12,6 +12,7 @@ DEFAULTS = dict(
     batch_size=32,
     epochs=30,
     scratch_epochs=50,
+    scratch_recipe="tuned",  # --weights none: ResNet-18's, not measured here
     lr=1e-3,  # head; backbone lr = lr * 0.1
     weight_decay=1e-5,
     unfreeze="last:1",  # layer4

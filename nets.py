@@ -22,7 +22,7 @@ class Arch:
     weights: object  # torchvision weights enum member used by --weights imagenet (None: see lite0)
     head: str  # dotted name of the final Linear, replaced by a new one for our classes
     stages: tuple  # backbone stages in input order; `last:N` trains the last N; each is a tuple of module names
-    recipe: str  # the original script whose augmentation `--augment seed` reproduces
+    seed_recipe: str  # the original script whose augmentation `--augment seed` reproduces (augment.SEED_RECIPES)
 
 
 RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
@@ -151,6 +151,17 @@ def build_model(arch_name, num_classes, weights="none"):
         return model
     load_backbone(model, state, arch_name, weights)
     return replace_head(model, arch_name, num_classes)
+
+
+def zero_init_residual(model):
+    """torchvision's zero_init_residual on a built ResNet: the last BatchNorm of each residual block
+    starts at weight 0, so every block starts as the identity (Goyal et al., 2017). Other networks are
+    left as they are. -> the number of blocks changed."""
+    last = [m.bn3 if isinstance(m, models.resnet.Bottleneck) else m.bn2 for m in model.modules()
+            if isinstance(m, (models.resnet.Bottleneck, models.resnet.BasicBlock))]
+    for bn in last:
+        nn.init.zeros_(bn.weight)
+    return len(last)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,14 +12,28 @@ from errors import fail
 from nets import ARCHS, parse_unfreeze, weights_preprocess
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The options a scratch recipe sets (default None), and their values for pretrained weights (today's).
+# optimizer stays None on the pretrained side (adamw when the run starts).
+RECIPE_OPTIONS = {"optimizer": "adamw", "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0,
+                  "ema": 0.0}
+# --scratch-recipe: what a network trained from random weights gets (docs/RESULTS.md#scratch).
+# original: the original scripts' recipe, the script's own --lr/--weight-decay/--augment with AdamW.
+# tuned: the same at lr 1e-3, the best on validation of SGD, zero-init, lr 3e-3 and the weights' average.
+SCRATCH_RECIPES = {
+    "original": dict(optimizer="adamw", zero_init_residual="off", mixup=0.0, cutmix=0.0, erasing=0.0, ema=0.0),
+    "tuned": dict(optimizer="adamw", lr=1e-3, augment="seed", zero_init_residual="off", mixup=0.0, cutmix=0.0,
+                  erasing=0.0, ema=0.0),
+}
 # Options that cannot change a run's results: a resumed or reused run may differ in these.
 EXEMPT = ("resume", "workers", "device", "cache_dir", "gpu_cache", "compile", "deterministic", "out", "name",
-          "script", "grid", "grid_spec", "halving", "compare", "parallel")
+          "script", "grid", "grid_spec", "halving", "compare", "parallel", "explicit", "scratch_filled")
 # Compared by what they resolve to (identity.py): --precision auto may mean bf16 on one machine and
 # fp32 on another; "identity" is the record itself, not an option.
 RESOLVED = ("precision", "identity")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
-LEGACY = {"crop_mode": "center", "split_seed": None}
+# Runs older than --scratch-recipe trained without its options (optimizer None: AdamW, as pretrained runs now).
+LEGACY = {"crop_mode": "center", "split_seed": None, "scratch_recipe": "tuned", "optimizer": None,
+          "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -36,6 +50,24 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line instead of argparse's usage block."""
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse, and `explicit`: the sorted dests given on the command line (what a scratch
+        recipe must not override)."""
+        ns, rest = super().parse_known_args(args, namespace)
+        if not getattr(self, "_probing", False):
+            saved = [(a, a.default) for a in self._actions]
+            self._probing = True
+            try:
+                for a, _ in saved:
+                    a.default = argparse.SUPPRESS
+                given = vars(super().parse_known_args(args)[0])
+            finally:
+                for a, d in saved:
+                    a.default = d
+                self._probing = False
+            ns.explicit = sorted(given)
+        return ns, rest
 
 
 def get_args_parser(defaults):
@@ -93,6 +125,27 @@ def get_args_parser(defaults):
       help="pretrained weights: first train the new head alone this many epochs on cached features at "
            "10 x --lr (linear probe, then fine-tune: LP-FT); 0 = off")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
+    a("--scratch-recipe", default=d.get("scratch_recipe", "tuned"), choices=SCRATCH_RECIPES,
+      help="--weights none: tuned (this project's, chosen on validation: docs/RESULTS.md#scratch) or original "
+           "(the original scripts': AdamW at the script's --lr, --augment seed); options given on the command "
+           "line win over either")
+    a("--optimizer", default=None, choices=("adamw", "sgd"),
+      help="adamw, or sgd with Nesterov momentum 0.9 (default: adamw; with --weights none, the --scratch-recipe's)")
+    a("--zero-init-residual", default=None, choices=("on", "off"),
+      help="ResNets trained from random weights: the last BatchNorm of each residual block starts at zero "
+           "(torchvision's zero_init_residual) (default: off; with --weights none, the --scratch-recipe's)")
+    a("--mixup", type=float, default=None,
+      help="MixUp alpha: each batch blended with itself reversed, labels alike (0 = off; with --cutmix too, "
+           "one of the two per batch) (default: 0; with --weights none, the --scratch-recipe's)")
+    a("--cutmix", type=float, default=None,
+      help="CutMix alpha: a box of each image pasted from another, labels by area (0 = off) "
+           "(default: 0; with --weights none, the --scratch-recipe's)")
+    a("--erasing", type=float, default=None,
+      help="random erasing probability per training image (a box set to the mean colour: 0 after "
+           "normalisation) (default: 0; with --weights none, the --scratch-recipe's)")
+    a("--ema", type=float, default=None,
+      help="decay per step of an exponential moving average of the weights, which validation, best.pth, the "
+           "test and predict.py use (0 = off) (default: 0; with --weights none, the --scratch-recipe's)")
     a("--skip-bad", action="store_true", help="train without images that cannot be decoded instead of stopping")
     a("--cache-dir", default=None, help="decoded-image and feature caches (default DATA/.cache)")
     a("--gpu-cache", default="auto", choices=("auto", "off"),
@@ -147,13 +200,28 @@ def resolve_config(args, defaults, script):
 
 def scratch_rules(c, unfreeze_given=False):
     """--weights none: the settings a random network needs whatever else was asked. The one place
-    for them: single runs, grid trials and the comparison's random side. -> c, changed in place."""
-    if c["weights"] == "none":
+    for them: single runs, grid trials and the comparison's random side. -> c, changed in place.
+
+    The --scratch-recipe's values (SCRATCH_RECIPES) fill what is still open: the recipe options that
+    are None, and the shared ones (lr, augment, ...) unless c["explicit"] names them (given on the
+    command line). They are filled once (scratch_filled): grid trials vary lr and the rest on a
+    resolved config, and keep their values."""
+    scratch = c["weights"] == "none"
+    if scratch:
         if not unfreeze_given:
             c["unfreeze"] = "all"  # nothing pretrained to keep frozen
         c["backbone_lr_ratio"] = 1.0  # nothing pretrained to protect: one lr for every layer
         c["bn_stats"] = "train"  # a random network's running statistics mean nothing yet
         c["probe_epochs"] = 0  # no features worth probing
+        chosen = SCRATCH_RECIPES[c.get("scratch_recipe") or "original"]
+        open_shared = not c.get("scratch_filled")
+        for k, v in chosen.items():
+            if c.get(k) is None or (open_shared and k not in c.get("explicit", ())):
+                c[k] = v
+        c["scratch_filled"] = True
+    for k, v in RECIPE_OPTIONS.items():  # pretrained: today's choices
+        if c.get(k) is None and not (scratch or k == "optimizer"):
+            c[k] = v
     return c
 
 
@@ -172,6 +240,10 @@ def check_config(c):
         (c["limit_per_class"] is None or c["limit_per_class"] >= 1,
          f"--limit-per-class must be at least 1 (got {c['limit_per_class']})"),
         (0 <= c["label_smoothing"] < 1, f"--label-smoothing must be within [0, 1) (got {c['label_smoothing']})"),
+        ((c.get("mixup") or 0) >= 0 and (c.get("cutmix") or 0) >= 0,
+         f"--mixup and --cutmix must be >= 0 (got {c.get('mixup')}, {c.get('cutmix')})"),
+        (0 <= (c.get("erasing") or 0) <= 1, f"--erasing must be within [0, 1] (got {c.get('erasing')})"),
+        (0 <= (c.get("ema") or 0) < 1, f"--ema must be within [0, 1) (got {c.get('ema')})"),
         (c["weights"] in ("imagenet", "none") or Path(c["weights"]).is_file(),
          f"--weights {c['weights']}: not imagenet, none, or an existing file"),
     ]

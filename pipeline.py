@@ -503,14 +503,14 @@ class Loader:
 
 
 def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Preprocess,
-                 augment: str, recipe: str, batch_size: int, workers: int,
+                 augment: str, seed_recipe: str, batch_size: int, workers: int,
                  device: torch.device, seed: int, cache_dir: str | None, rank: int = 0,
                  world_size: int = 1, skip_bad: bool = False, progress: bool = True,
                  gpu_augment: bool | None = None, resident: bool = False) -> Loader:
     """A Loader over (path, label) samples; decodes every image once (the cache).
 
     train=True: a fresh permutation per epoch (same on every rank, rank r takes every
-    world_size-th sample), augmentation `augment` for `recipe`, a last batch of 1 dropped;
+    world_size-th sample), augmentation `augment` for `seed_recipe` (augment.train_recipe), a last batch of 1 dropped;
     `none` and `flip` train on the evaluation framing (flip: mirrored with probability FLIP_P).
     train=False: evaluation preprocessing, every sample exactly once across the ranks.
     gpu_augment: None = batched tensor augmentation when device is CUDA, PIL on the CPU
@@ -536,7 +536,7 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
                          f"{', '.join(INTERPOLATIONS)}")
     if preprocess.crop_mode not in CROP_MODES:
         raise ValueError(f"unknown crop_mode {preprocess.crop_mode!r}; choose from {', '.join(CROP_MODES)}")
-    aug = train_recipe(augment, recipe) if train else None
+    aug = train_recipe(augment, seed_recipe) if train else None
     if train and batch_size < 2:
         raise ValueError("batch_size must be at least 2 for training (BatchNorm)")
     geo = cache_geometry(preprocess, augmented=aug is not None)

@@ -1,9 +1,9 @@
 """Throughput of the training input path alone: image files -> normalised batches on the device.
 
-    python bench/bench_data.py --data DIR --recipe resnet --workers 2             # ours
-    python bench/bench_data.py --data DIR --recipe resnet --workers 2 --original  # the original
+    python bench/bench_data.py --data DIR --seed-recipe resnet --workers 2             # ours
+    python bench/bench_data.py --data DIR --seed-recipe resnet --workers 2 --original  # the original
 
-    python bench/bench_data.py --data DIR --recipe resnet --workers 2 --compare --repeats 3
+    python bench/bench_data.py --data DIR --seed-recipe resnet --workers 2 --compare --repeats 3
 
 DIR holds train/<class>/*.jpg. Ours = pipeline.build_loader with the original script's `seed`
 augmentation (on CUDA, the decode cache resident on the device unless --resident off);
@@ -33,14 +33,14 @@ import torch  # noqa: E402
 import original  # noqa: E402  (bench/original.py)
 import pipeline  # noqa: E402
 
-# --recipe -> (augment recipe, crop px) as the original scripts ran them
+# --seed-recipe -> (augment.SEED_RECIPES name, crop px) as the original scripts ran them
 RECIPES = {"resnet": ("resnet18", 224), "efficientnet_b4": ("efficientnet_b4", 380)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder with train/<class>/ images")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="resnet",
+    p.add_argument("--seed-recipe", choices=sorted(RECIPES), default="resnet",
                    help="which original train transforms (default: resnet = ResNet-18's)")
     p.add_argument("--seconds", type=float, default=20.0,
                    help="measured time after the warm-up, s (default: 20)")
@@ -121,7 +121,7 @@ def wait_idle(limit_s: float = 60.0) -> None:
 
 def make_original(args, device):
     """Batches of the original pipeline, forever."""
-    name, crop = RECIPES[args.recipe]
+    name, crop = RECIPES[args.seed_recipe]
     return original.batches(os.path.join(args.data, "train"), original.train_transform(name, crop),
                             args.batch_size, args.workers, device)
 
@@ -129,7 +129,7 @@ def make_original(args, device):
 def make_ours(args, device):
     """Batches of pipeline.build_loader (builds or reuses the cache), forever."""
     from torchvision.datasets import ImageFolder
-    name, crop = RECIPES[args.recipe]
+    name, crop = RECIPES[args.seed_recipe]
     samples = ImageFolder(os.path.join(args.data, "train")).samples   # (path, class index)
     pre = pipeline.Preprocess(crop=crop, resize=original.resize_of(name, crop), mean=original.MEAN,
                               std=original.STD)
@@ -138,7 +138,7 @@ def make_ours(args, device):
     if resident and not tensor_path:
         raise SystemExit("--resident on needs the tensor path: --gpu-augment on (or auto on CUDA)")
     loader = pipeline.build_loader(
-        samples, train=True, preprocess=pre, augment="seed", recipe=name,
+        samples, train=True, preprocess=pre, augment="seed", seed_recipe=name,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
         cache_dir=args.cache_dir, gpu_augment=tensor_path, resident=resident)
 

@@ -9,7 +9,7 @@ Ours = the project's own pieces: common.build_model (random weights: nothing to 
 common.freeze + parse_unfreeze, common.param_groups (AdamW), common.set_train_mode (frozen
 BatchNorm in eval mode), channels_last, common.resolve_precision + autocast, gradient
 clipping at 1.0 as common.train_one_epoch; batches from pipeline.build_loader (--data, the
-`seed` augmentation of the architecture's recipe) or synthetic tensors (--synthetic).
+`seed` augmentation of the architecture's seed recipe) or synthetic tensors (--synthetic).
 --original = the original study's loop on the same images: its input path (bench/original.py:
 ImageFolder + the original script's PIL transforms + DataLoader(shuffle)), the same network in fp32
 and contiguous memory, every BatchNorm in train mode, the original optimiser (AdamW + clip
@@ -139,7 +139,7 @@ def setup_ours(args, device, samples, num_classes):
         return step, synthetic_batches(args, pre.crop, num_classes, device), dtype
     resident = {"auto": device.type == "cuda", "on": True, "off": False}[args.resident]
     loader = pipeline.build_loader(
-        samples, train=True, preprocess=pre, augment="seed", recipe=common.ARCHS[arch].recipe,
+        samples, train=True, preprocess=pre, augment="seed", seed_recipe=common.ARCHS[arch].seed_recipe,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
         cache_dir=args.cache_dir, gpu_augment=True if resident else None, resident=resident)
 
@@ -178,7 +178,7 @@ def setup_original(args, device, data_train, num_classes):
 
     if args.synthetic:
         return step, synthetic_batches(args, crop, num_classes, device)
-    _, batches = original.batches(data_train, original.train_transform(common.ARCHS[arch].recipe, crop),
+    _, batches = original.batches(data_train, original.train_transform(common.ARCHS[arch].seed_recipe, crop),
                                   args.batch_size, args.workers, device)
     return step, batches
 

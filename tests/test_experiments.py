@@ -208,7 +208,9 @@ def test_grid_compare_takes_the_validation_winner_not_the_test_one(tiny, tmp_pat
     weights.write_bytes(b"never read by the stand-in")
     fake = FakeFit(val=lambda c, e: {1e-3: 40.0, 3e-4: 60.0}[c["lr"]],
                    test=lambda c: 20.0 if c["weights"] == "none" else {1e-3: 90.0, 3e-4: 30.0}[c["lr"]])
-    config = config_for(tiny, tmp_path, ["--weights", str(weights), "--grid-spec", "lr=1e-3,3e-4", "--compare"])
+    # the original scratch recipe: the random side takes the winner's lr (the tuned one: tests/test_scratch.py)
+    config = config_for(tiny, tmp_path, ["--weights", str(weights), "--grid-spec", "lr=1e-3,3e-4", "--compare",
+                                         "--scratch-recipe", "original"])
     ranked = experiments.run(config, {}, {"grid_spec", "compare", "weights"}, fake)
     assert [r["trial"] for r in ranked] == ["lr=0.0003", "lr=0.001"]
     assert "grid winner by validation: lr=0.0003 (val top-1 60.00%, test top-1 30.00%)" in capsys.readouterr().out
@@ -222,7 +224,7 @@ def test_grid_compare_takes_the_validation_winner_not_the_test_one(tiny, tmp_pat
     assert summary == {"pretrained_top1": 30.0, "random_init_top1": 20.0, "difference": 10.0,
                        "pretrained_run": "grid/lr=0.0003", "random_init_run": "grid-compare/random_init"}
     # a later plain --compare starts from the same winner and finds both runs finished
-    later = config_for(tiny, tmp_path, ["--weights", str(weights), "--compare"])
+    later = config_for(tiny, tmp_path, ["--weights", str(weights), "--compare", "--scratch-recipe", "original"])
     rows = experiments.run(later, {}, {"compare", "weights"}, fake)
     assert len(fake.calls) == 3 and [r["run"] for r in rows] == ["grid/lr=0.0003", "grid-compare/random_init"]
     assert "starting from the grid winner lr=0.0003" in capsys.readouterr().out
@@ -402,7 +404,7 @@ def test_compare_trains_pretrained_and_random_init_and_reports_the_difference(ti
     torch.save(models.resnet18().state_dict(), weights)  # a 1000-class state dict, like torchvision's file
     out = work / "compare"
     args = [a for a in SMOKE if a not in ("--weights", "none")]
-    r = run_script("--data", tiny, "--out", out, *args, "--compare", "--weights", weights)
+    r = run_script("--data", tiny, "--out", out, *args, "--compare", "--weights", weights, "--scratch-recipe", "original")
     assert r.returncode == 0, r.stderr[-3000:]
     cmp_dir = out / "main_ResNet-18" / "compare"
     pre = json.loads((cmp_dir / "pretrained" / "config.json").read_text())

@@ -1,0 +1,180 @@
+"""The random-init recipes (--scratch-recipe): the original one still builds today's optimiser,
+schedule and augmentation; the tuned one's parts (SGD, zero-init residual, erasing, MixUp/CutMix,
+the weights' moving average) do what they say, and the average is what best.pth and predict.py hold."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+import augment as A
+import common
+import options
+import predict
+import records
+
+ROOT = Path(__file__).resolve().parents[1]
+R18 = dict(arch="resnet18", batch_size=64, epochs=30, scratch_epochs=50, lr=3e-4, weight_decay=1e-5,
+           unfreeze="last:1")
+
+
+def config(argv, defaults=R18):
+    return options.resolve_config(options.get_args_parser(defaults).parse_args(argv), defaults, "main_test")
+
+
+def test_original_recipe_is_todays_scratch_config():
+    """--scratch-recipe original: the script's lr, weight decay and --augment seed with AdamW, nothing added."""
+    c = config(["--weights", "none", "--scratch-recipe", "original"])
+    assert (c["optimizer"], c["lr"], c["weight_decay"], c["augment"], c["label_smoothing"]) == \
+        ("adamw", 3e-4, 1e-5, "seed", 0.1)
+    assert (c["zero_init_residual"], c["mixup"], c["cutmix"], c["erasing"], c["ema"]) == ("off", 0.0, 0.0, 0.0, 0.0)
+    assert (c["unfreeze"], c["backbone_lr_ratio"], c["bn_stats"], c["probe_epochs"]) == ("all", 1.0, "train", 0)
+
+
+def test_tuned_recipe_is_the_default_and_the_command_line_wins():
+    c = config(["--weights", "none"])
+    tuned = options.SCRATCH_RECIPES["tuned"]
+    assert {k: c[k] for k in tuned} == tuned
+    c = config(["--weights", "none", "--lr", "0.05", "--augment", "seed", "--ema", "0"])
+    assert (c["lr"], c["augment"], c["ema"], c["optimizer"]) == (0.05, "seed", 0.0, tuned["optimizer"])
+    c = config(["--weights", "none", "--optimizer", "sgd"])
+    assert (c["optimizer"], c["lr"], c["augment"]) == ("sgd", tuned["lr"], tuned["augment"])
+    # pretrained: today's defaults, whatever --scratch-recipe says
+    p = config([])
+    assert (p["optimizer"], p["lr"], p["augment"], p["zero_init_residual"], p["ema"], p["mixup"]) == \
+        (None, 3e-4, "seed", "off", 0.0, 0.0)
+
+
+def test_comparison_random_side_gets_the_recipe_and_grid_trials_keep_their_axes():
+    """The comparison makes its random side from the pretrained config; a grid trial varies a resolved one."""
+    pre = config([])
+    random_side = options.scratch_rules(dict(pre, weights="none"))
+    tuned = options.SCRATCH_RECIPES["tuned"]
+    assert {k: random_side[k] for k in tuned} == tuned
+    base = config(["--weights", "none"])
+    trial = options.scratch_rules(dict(base, lr=0.01))
+    assert trial["lr"] == 0.01
+
+
+def built_optimizer(argv, tmp_path):
+    """make_optimizer on a real (tiny) run: -> (optimizer, scheduler, run)."""
+    c = config(argv + ["--img-size", "32", "--workers", "0", "--out", str(tmp_path)])
+    run = common.Run(c, 0, 1, torch.device("cpu"), None, {}, tmp_path, None, [str(i) for i in range(5)], {},
+                     common.build_model("resnet18", 5, "none"))
+    (opt, sched, _), _ = common.make_optimizer(run, steps_per_epoch=20)
+    return opt, sched, run
+
+
+def test_original_recipe_builds_todays_optimizer_schedule_and_augmentation(tmp_path):
+    """As the code before --scratch-recipe: AdamW over param_groups at lr 3e-4, warm-up + cosine,
+    the ResNet-18 script's augmentation, no batch step."""
+    opt, sched, run = built_optimizer(["--weights", "none", "--scratch-recipe", "original"], tmp_path)
+    ref = torch.optim.AdamW(common.param_groups(run.model, "resnet18", 3e-4, 1e-5, 1.0))
+    assert type(opt) is torch.optim.AdamW and opt.defaults == ref.defaults
+    ref_sched = common.lr_schedule(ref, 20, 50)
+    assert [(g["initial_lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == \
+        [(g["initial_lr"], g["weight_decay"], len(g["params"])) for g in ref.param_groups]
+    assert {g["initial_lr"] for g in opt.param_groups} == {3e-4}
+    lrs, ref_lrs = [], []
+    for _ in range(1000):
+        opt.step(), sched.step(), ref.step(), ref_sched.step()
+        lrs.append(opt.param_groups[0]["lr"]), ref_lrs.append(ref.param_groups[0]["lr"])
+    assert lrs == ref_lrs
+    assert A.train_recipe(run.config["augment"], "resnet18") == A.SEED_RECIPES["resnet18"]
+    assert run.batch_augment is None and run.ema is None
+    assert all(m.weight.abs().sum() > 0 for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_sgd_and_zero_init_residual_options(tmp_path):
+    opt, _, run = built_optimizer(["--weights", "none", "--optimizer", "sgd", "--lr", "0.1", "--zero-init-residual",
+                                   "on"], tmp_path)
+    assert type(opt) is torch.optim.SGD and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    assert {g["initial_lr"] for g in opt.param_groups} == {0.1}
+    blocks = [b for layer in (run.model.layer1, run.model.layer2, run.model.layer3, run.model.layer4) for b in layer]
+    assert len(blocks) == 8 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
+    assert torch.count_nonzero(run.model.bn1.weight) > 0
+
+
+def test_batched_erasing_is_torchvisions_erase():
+    """Each image of the batch erased with its own box, exactly as torchvision's erase with that box;
+    the boxes follow RandomErasing's distribution (area 2-33 %, aspect 0.3-3.3, rate p)."""
+    x = torch.randn(400, 3, 24, 32)
+    boxes = A.erase_params(len(x), 24, 32, 0.5, torch.Generator().manual_seed(0))
+    out = A.erase_batch(x, boxes)
+    for k in range(len(x)):
+        i, j, h, w = boxes[k].tolist()
+        want = TF.erase(x[k], i, j, h, w, torch.tensor(0.0)) if h else x[k]
+        assert torch.equal(out[k], want)
+    on = boxes[:, 2] > 0
+    assert 0.4 < on.float().mean() < 0.6
+    area = (boxes[on, 2] * boxes[on, 3]).float() / (24 * 32)
+    assert area.min() > 0.015 and area.max() < 0.34
+    assert torch.all(boxes[on, 0] + boxes[on, 2] <= 24) and torch.all(boxes[on, 1] + boxes[on, 3] <= 32)
+
+
+def test_mixup_cutmix_batch_step_gives_probabilities_and_top1_counts_the_dominant_class():
+    step = A.batch_augment(0.0, 0.2, 1.0, num_classes=7)
+    x, y = torch.randn(6, 3, 16, 16), torch.arange(6)
+    torch.manual_seed(0)
+    xm, t = step(x, y)
+    assert t.shape == (6, 7) and torch.allclose(t.sum(1), torch.ones(6))
+    assert not torch.equal(xm, x)
+    # one library transform per batch: the same draw from torchvision's own MixUp/CutMix
+    torch.manual_seed(0)
+    xr, tr = v2.RandomChoice([v2.MixUp(alpha=0.2, num_classes=7), v2.CutMix(alpha=1.0, num_classes=7)])(x, y)
+    assert torch.equal(xm, xr) and torch.equal(t, tr)
+    assert A.batch_augment(0.0, 0.0, 0.0, 7) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory):
+    from conftest import extract_subset
+
+    classes = {"accordion", "airplanes", "anchor", "ant", "barrel", "bass"}
+    return extract_subset(tmp_path_factory.mktemp("tiny"), per_class=8, classes=classes)
+
+
+def test_ema_checkpoint_holds_the_averaged_weights_and_predict_uses_them(tiny_split, tmp_path):
+    """--ema: best.pth's "model" is the average (validation's and the test's weights), "online_model" the
+    trained ones; predict.py loads the average; a resumed run continues both."""
+    argv = ["--weights", "none", "--img-size", "32", "--workers", "0", "--epochs", "2", "--batch-size", "8",
+            "--ema", "0.9", "--erasing", "0.25", "--mixup", "0.2", "--cutmix", "1.0", "--data", str(tiny_split),
+            "--out", str(tmp_path)]
+    c = config(argv)
+    common.fit(c, stop_after=1)
+    run_dir = common.run_dir_of(c)
+    first = records.load_checkpoint(run_dir / "last.pth")
+    # resuming: the trained weights continue training, the average continues averaging
+    m = common.fit(config(argv + ["--resume", "auto"]))
+    best = records.load_checkpoint(run_dir / "best.pth")
+    last = records.load_checkpoint(run_dir / "last.pth")
+    assert last["epoch"] == 2 and last["ema_steps"] == 2 * first["ema_steps"] > 0
+    key = "layer4.1.conv2.weight"
+    assert not torch.equal(last["model"][key], last["online_model"][key])
+    model = predict.load_model(run_dir / "best.pth")[0]
+    assert torch.equal(model.state_dict()[key], best["model"][key])
+    # the best epoch's validation top-1 is the averaged weights' own
+    assert m["best_val_top1"] == best["best"]["top1"]
+
+
+def test_ema_is_refused_where_the_frozen_part_runs_once(tiny_split, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "main_ResNet-18.py"), "--unfreeze", "head", "--ema", "0.99",
+                        "--data", str(tiny_split), "--img-size", "32", "--workers", "0", "--epochs", "1",
+                        "--out", str(tmp_path), "--weights", "none"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "--ema averages the whole network" in r.stderr
+
+
+def test_configs_written_before_the_scratch_options_still_match():
+    """A pretrained run's config.json from before these options: resuming it finds no difference."""
+    now = config([])
+    old = {k: v for k, v in now.items() if k not in list(options.RECIPE_OPTIONS) + ["scratch_recipe", "explicit"]}
+    assert options.differing_options(old, now) == []
+    # a random-init run of then differs from today's tuned default, and says so
+    then = {k: v for k, v in config(["--weights", "none", "--scratch-recipe", "original"]).items()
+            if k not in list(options.RECIPE_OPTIONS) + ["scratch_recipe", "explicit", "scratch_filled"]}
+    diff = options.describe_differences(options.differing_options(then, config(["--weights", "none"])))
+    assert "--lr 0.0003 there, 0.001 now" in diff
