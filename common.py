@@ -596,6 +596,45 @@ def main(defaults, grid, argv=None, script=None):
     pipeline.keep_freed_memory()  # batches and activations reuse freed heap pages instead of faulting new ones
     args = get_args_parser(defaults).parse_args(argv)
     config = resolve_config(args, defaults, script)
-    if config["grid"] or config["grid_spec"] or config["compare"] or config["halving"]:
-        return experiments.run(config, grid, given_options(defaults, argv), fit)
-    return fit(config)
+    try:
+        if config["grid"] or config["grid_spec"] or config["compare"] or config["halving"]:
+            return experiments.run(config, grid, given_options(defaults, argv), fit)
+        return fit(config)
+    except BaseException as e:
+        if not interrupted(e):
+            raise
+        raise SystemExit(interrupted_line(config, sys.argv[1:] if argv is None else list(argv))) from None
+
+
+def interrupted(e):
+    """Whether Ctrl-C caused e: a KeyboardInterrupt, or an error raised while one unwound (torch.save's
+    zip writer, interrupted, fails again in its cleanup)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def interrupted_line(config, argv):
+    """Ctrl-C: the one line that names the run (or grid) folder and the command that resumes it;
+    printed by rank 0 only, exit status 130 (128 + SIGINT) as a shell reports it."""
+    import os
+    import shlex
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 130
+    single = not (config["grid"] or config["grid_spec"] or config["compare"] or config["halving"])
+    if single:
+        folder = run_dir_of(config)
+        resume = [] if "--resume" in argv else ["--resume", "auto"]  # a grid resumes by rerunning it
+    else:
+        folder = Path(config["out"]) / config["script"]
+        resume = []
+    launcher = ["torchrun", f"--nproc-per-node={world}"] if world > 1 else [Path(sys.executable).name]
+    command = shlex.join([*launcher, sys.argv[0], *argv, *resume])
+    print(f"interrupted: {folder} keeps what was saved; resume with: {command}", file=sys.stderr, flush=True)
+    return 130
