@@ -204,3 +204,36 @@ def test_a_worker_receives_the_cache_path_not_its_bytes(six_classes, tmp_path):
     sent = bytes(ForkingPickler.dumps(loader._loader.dataset))  # what DataLoader hands each worker
     assert len(sent) < 2_000
     assert str(loader.cache_path).encode() in sent
+
+
+# --------------------------------------------------------------------------------------------
+# Where the tests find the archive (tests/conftest.py)
+# --------------------------------------------------------------------------------------------
+FIND = ("import sys, tarfile; sys.path.insert(0, {tests!r}); import conftest; a = conftest.need_archive(); "
+        "print(a); print(tarfile.open(a).next().name)")
+
+
+def find_archive(env):
+    r = subprocess.run([sys.executable, "-c", FIND.format(tests=str(ROOT / "tests"))], capture_output=True, text=True,
+                       env=dict(os.environ, **env), timeout=120)
+    return r.returncode, r.stdout.strip(), r.stderr.strip()
+
+
+def test_the_tests_find_the_official_zip_named_by_the_environment_and_say_where_to_put_it(tmp_path):
+    import zipfile
+    from conftest import need_archive
+
+    tar = need_archive()
+    official = tmp_path / "caltech-101.zip"  # as CaltechDATA ships it: the tar.gz inside a folder
+    with zipfile.ZipFile(official, "w", zipfile.ZIP_STORED) as zf:
+        zf.write(tar, "caltech-101/101_ObjectCategories.tar.gz")
+    rc, out, err = find_archive({"CALTECH101_ARCHIVE": str(official)})
+    assert rc == 0, err
+    found, first = out.splitlines()
+    found = Path(found)
+    assert first.startswith("101_ObjectCategories")  # a readable tar
+    assert found.name == "101_ObjectCategories.tar.gz" and found.parent != tar.parent
+    assert not found.exists()  # extracted for the session, removed at its end
+    rc, out, err = find_archive({"CALTECH101_ARCHIVE": str(tmp_path / "missing.zip")})
+    assert rc != 0 and f"CALTECH101_ARCHIVE={tmp_path / 'missing.zip'}: no such file." in err
+    assert f"put caltech-101.zip or 101_ObjectCategories.tar.gz in {ROOT / 'dataset'}" in err
