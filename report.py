@@ -114,8 +114,17 @@ def setting_of(c):
     return (data, carve, size, c.get("limit_per_class") or None, float(c.get("val_fraction", 0.1)))
 
 
-def describe_setting(s):
+def typed_data(rows, setting):
+    """The setting's data folder as its runs' users typed it (config.json's --data, the most used
+    spelling), not the resolved absolute path the setting is keyed by: no machine's paths in figures."""
+    typed = [r["config"].get("data") for r in rows if r["config"].get("data")]
+    return max(sorted(set(typed)), key=typed.count) if typed else setting[0]
+
+
+def describe_setting(s, rows=()):
+    """The setting in words; rows: its runs, whose --data spelling is shown."""
     data, (how, seed), size, limit, val = s
+    data = typed_data(rows, s)
     carve = (f"carved by split seed {seed}" if how == "split_seed"
              else f"carved by --seed {seed} (a run from before --split-seed)")
     return (f"data `{data}`; " + ("every image" if limit is None else f"at most {limit} images per class of each split")
@@ -403,8 +412,9 @@ def draw_curves(figs, folder, setting, chosen):
             lines.append(f"{name}.png: no random-init run of {DISPLAY_NAMES.get(arch, arch)} in this setting "
                          f"(--weights none or --compare): the pretrained run alone")
         title = (f"{DISPLAY_NAMES.get(arch, arch)}: pretrained against random initialisation, per epoch "
-                 f"({describe_setting(setting).replace('`', '')})")
+                 f"({describe_setting(setting, chosen).replace('`', '')})")
         fig, data = figures.curves_figure(runs, title=title)
+        data["title"] = title
         for d, r in zip(data["runs"], runs):
             d["run"] = r["run"]
         figs.save(folder, name, fig, data, svg=True)
@@ -433,8 +443,9 @@ def draw_summary(figs, folder, setting, chosen):
     caption = ("Ours: per network the run with the best validation top-1 (recipe and checkpoint chosen on a "
                "validation part carved from train/; the test split seen once, at the end). Black lines: the "
                "original study's published top-1, whose checkpoints and hyper-parameters were chosen on its test "
-               f"split. Setting: {describe_setting(setting).replace('`', '')}.")
+               f"split. Setting: {describe_setting(setting, chosen).replace('`', '')}.")
     fig, data = figures.summary_figure(networks, caption=caption)
+    data["caption"] = caption
     figs.save(folder, "summary", fig, data, svg=True)
     return lines
 
@@ -531,7 +542,7 @@ def setting_section(figs, setting, rows, folder, level, heading=""):
     """One setting's table, figures (in folder) and most-confused pairs -> (markdown, note lines)."""
     h = "#" * level
     chosen = table_rows(rows)
-    out = [f"{h} {heading}{describe_setting(setting)}", "", render(chosen, len(rows))]
+    out = [f"{h} {heading}{describe_setting(setting, rows)}", "", render(chosen, len(rows))]
     notes = draw_curves(figs, folder, setting, chosen)
     notes += draw_summary(figs, folder, setting, chosen)
     pairs, confusion_notes = draw_confusions(figs, folder, chosen)
