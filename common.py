@@ -47,13 +47,13 @@ def prepare_data(config):
     return classes, {"train": train, "val": val, "test": test}
 
 
-def loader_options(config, device, rank=0, world=1, tensor_path=None):
+def loader_options(config, device, rank=0, world=1, on_device=None):
     """The keyword arguments every pipeline.build_loader call of a run shares."""
     return dict(preprocess=make_preprocess(config["arch"], config["img_size"], config["crop_mode"]),
                 recipe=ARCHS[config["arch"]].recipe, workers=config["workers"], device=device,
                 seed=config["seed"], cache_dir=config["cache_dir"] or str(Path(config["data"]) / ".cache"),
                 rank=rank, world_size=world, skip_bad=config["skip_bad"], progress=rank == 0,
-                gpu_augment=tensor_path)
+                on_device=on_device)
 
 
 def make_loader(samples, options, *, train, augment, batch_size):
@@ -320,15 +320,15 @@ def rank0_first(run, build):
 
 def build_loaders(run, budget, resident=None):
     """-> ({train, val, test: loader}, the loader options). Decode caches go to device memory where
-    the budget allows (the GPU's tensor path); resident True/False forces it, on any device."""
+    the budget allows (the GPU's on-device path); resident True/False forces it, on any device."""
     c = run.config
-    options = loader_options(c, run.device, run.rank, run.world, tensor_path=True if resident is not None else None)
+    options = loader_options(c, run.device, run.rank, run.world, on_device=True if resident is not None else None)
     aug = train_augment(c, run.world)
     loaders = rank0_first(run, lambda: {
         split: make_loader(samples, options, train=split == "train", augment=aug, batch_size=c["batch_size"])
         for split, samples in run.splits.items()})
     for split, loader in loaders.items():
-        if loader is not None and loader.gpu_augment:
+        if loader is not None and loader.on_device:
             place = budget.reserve(f"{split} images", loader.cache_bytes) if resident is None else resident
             if place:
                 loader.make_resident()

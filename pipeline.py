@@ -9,10 +9,10 @@ which order, from where:
     cache_dir, keyed by the file list, sizes, mtimes and the geometry);
   * order and augmentation are a pure function of (seed, epoch, rank): one plan per epoch
     (augment.plan_arrays), DistributedSampler's sharding;
-  * CPU path (gpu_augment False): DataLoader workers render with augment.render_pil and hand
+  * CPU path (on_device False): DataLoader workers render with augment.render_pil and hand
     uint8 batches (a quarter of float32's bytes) through shared memory; the consumer
     normalises a whole batch in one pass into channels_last float32;
-  * tensor path (gpu_augment True): uint8 batches of the stored images on the device, each
+  * on-device path (on_device True): uint8 batches of the stored images on the device, each
     augmented and normalised by augment.render_torch. Streamed through the workers by default;
     with resident=True the whole cache is one uint8 tensor on the device, indexed per batch.
     The caller decides, knowing Loader.cache_bytes, and can free it with Loader.release();
@@ -357,7 +357,7 @@ class _BatchSource(torch.utils.data.Dataset):
     """DataLoader items are whole batches, so workers never collate; every item is uint8.
 
     ("hwc", rows): cached images as stored [b,H,W,3] (the eval crops, or the train canvas
-    that the tensor path augments);
+    that the on-device path augments);
     ("aug", rows, plan): PIL-augmented [b,crop,crop,3].
     uint8 is a quarter of the float bytes crossing the processes; the consumer normalises.
     With a cache file (path), a worker receives the path and maps the file itself, under any
@@ -400,10 +400,10 @@ class _BatchSource(torch.utils.data.Dataset):
 
 
 def augment_batch(images: np.ndarray, rows: np.ndarray, plan: dict, pre: Preprocess,
-                  tensor_path: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+                  on_device: bool, device: torch.device | str = "cpu") -> torch.Tensor:
     """Augment cached images `rows` with plan rows 0..len(rows)-1 by either of the loader's
     paths -> normalised float32 [b, 3, crop, crop] (for tests)."""
-    if tensor_path:
+    if on_device:
         src = torch.from_numpy(np.ascontiguousarray(images[rows])).to(device)
         packed = pack_plan(plan, np.arange(len(rows))).to(device)
         return render_torch(src, packed, crop=pre.crop, mean=pre.mean, std=pre.std)
@@ -427,8 +427,8 @@ class _Items:
         return len(self.items)
 
 
-_RESIDENT_NEEDS_TENSOR_PATH = ("resident=True (a tensor copy of the decode cache, indexed per batch) "
-                               "needs the tensor path: pass gpu_augment=True")
+_RESIDENT_NEEDS_ON_DEVICE = ("resident=True (a tensor copy of the decode cache, indexed per batch) "
+                               "needs the on-device path: pass on_device=True")
 
 
 class Loader:
@@ -440,14 +440,14 @@ class Loader:
     """
 
     def __init__(self, *, images, rows, sizes, samples, skipped, train, recipe, pre, batch_size,
-                 workers, device, seed, rank, world_size, gpu_augment, cache_path,
+                 workers, device, seed, rank, world_size, on_device, cache_path,
                  cache_build_s, long_side, flip_p=0.0, resident=False, start_method=None):
         self.images, self.sizes, self.samples, self.skipped = images, sizes, samples, skipped
         self.rows = rows        # cache row of each kept sample (bad files keep their rows)
         self.labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
         self.train, self.recipe, self.pre = train, recipe, pre
         self.batch_size, self.device, self.seed = batch_size, device, seed
-        self.rank, self.world_size, self.gpu_augment = rank, world_size, gpu_augment
+        self.rank, self.world_size, self.on_device = rank, world_size, on_device
         self.cache_path, self.cache_build_s, self.long_side = cache_path, cache_build_s, long_side
         self.flip_p = flip_p    # augment=flip: mirror this share of the eval-framed images
         self._flip = None
@@ -499,7 +499,7 @@ class Loader:
         self._batches = [np.arange(a, min(a + self.batch_size, len(order)))
                          for a in range(0, len(order), self.batch_size)]
         self._order_idx = order
-        if self._plan is None or self.gpu_augment:
+        if self._plan is None or self.on_device:
             self._items.items = [("hwc", self.rows[order[b]]) for b in self._batches]
         else:
             self._items.items = [("aug", self.rows[order[b]],
@@ -522,11 +522,11 @@ class Loader:
 
     def make_resident(self) -> None:
         """Copy the whole uint8 cache (cache_bytes) into one tensor on the device, now; later
-        batches index it and are the same as streamed ones. The tensor path only. Idempotent."""
+        batches index it and are the same as streamed ones. The on-device path only. Idempotent."""
         if self._resident is not None:
             return
-        if not self.gpu_augment:
-            raise ValueError(_RESIDENT_NEEDS_TENSOR_PATH + " (this loader has gpu_augment=False)")
+        if not self.on_device:
+            raise ValueError(_RESIDENT_NEEDS_ON_DEVICE + " (this loader has on_device=False)")
         resident = torch.empty(self.images.shape, dtype=torch.uint8, device=self.device)
         self._resident = resident.copy_(torch.from_numpy(self.images))   # a copy, also on the CPU
 
@@ -537,7 +537,7 @@ class Loader:
         self._resident = None
 
     def _device_batches(self):
-        """Tensor path: uint8 batches on the device, indexed from the resident cache, else
+        """On-device path: uint8 batches on the device, indexed from the resident cache, else
         streamed through the DataLoader (pinned on CUDA)."""
         if self._resident is not None:
             for b in self._batches:
@@ -557,7 +557,7 @@ class Loader:
 
     def __iter__(self):
         dev = self.device
-        if self.gpu_augment:
+        if self.on_device:
             for b, u8 in self._device_batches():
                 y = self.labels[self._order_idx[b]].to(dev, non_blocking=True)
                 if self._plan is None:
@@ -577,7 +577,7 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
                  augment: str, recipe: str, batch_size: int, workers: int,
                  device: torch.device, seed: int, cache_dir: str | None, rank: int = 0,
                  world_size: int = 1, skip_bad: bool = False, progress: bool = True,
-                 gpu_augment: bool | None = None, resident: bool = False,
+                 on_device: bool | None = None, resident: bool = False,
                  start_method: str | None = None) -> Loader:
     """A Loader over (path, label) samples; decodes every image once (the cache).
 
@@ -585,20 +585,20 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
     world_size-th sample), augmentation `augment` for `recipe`, a last batch of 1 dropped;
     `none` and `flip` train on the evaluation framing (flip: mirrored with probability FLIP_P).
     train=False: evaluation preprocessing, every sample exactly once across the ranks.
-    gpu_augment: None = batched tensor augmentation when device is CUDA, PIL on the CPU
-    otherwise; True/False force a path (tests run the tensor path on the CPU).
+    on_device: None = batched tensor augmentation when device is CUDA, PIL on the CPU
+    otherwise; True/False force a path (tests run the on-device path on the CPU).
     resident: copy the whole uint8 cache (Loader.cache_bytes) into one tensor on `device` now
-    and serve batches by indexing it, no workers (the tensor path only: a ValueError
+    and serve batches by indexing it, no workers (the on-device path only: a ValueError
     otherwise); False streams batches through the DataLoader workers. The caller weighs it
     against its memory budget, here or later with Loader.make_resident(); Loader.release()
     gives it back. start_method: how the workers start ("fork", "forkserver", "spawn"; None:
     Python's default); each opens the cache file by its path.
     """
     device = torch.device(device)
-    tensor_path = device.type == "cuda" if gpu_augment is None else gpu_augment
-    if resident and not tensor_path:
-        raise ValueError(_RESIDENT_NEEDS_TENSOR_PATH + f" (got gpu_augment={gpu_augment} on device "
-                         f"{device}; None picks the tensor path on CUDA only)")
+    given, on_device = on_device, device.type == "cuda" if on_device is None else on_device
+    if resident and not on_device:
+        raise ValueError(_RESIDENT_NEEDS_ON_DEVICE + f" (got on_device={given} on device "
+                         f"{device}; None picks the on-device path on CUDA only)")
     if not samples:
         raise ValueError("no samples to load")
     if batch_size < 1 or workers < 0 or not 0 <= rank < world_size:
@@ -632,6 +632,6 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
     return Loader(images=images, rows=good, sizes=sizes, samples=kept, skipped=skipped, train=train,
                   recipe=aug, pre=preprocess, batch_size=batch_size, workers=workers,
                   device=device, seed=seed, rank=rank, world_size=world_size,
-                  gpu_augment=tensor_path, cache_path=cache_path, cache_build_s=build_s,
+                  on_device=on_device, cache_path=cache_path, cache_build_s=build_s,
                   long_side=geo.get("long", 0), flip_p=FLIP_P if train and augment == "flip" else 0.0,
                   resident=resident, start_method=start_method)

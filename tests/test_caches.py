@@ -174,7 +174,7 @@ def real_loader(data, cache, start_method, train=True, workers=2):
     pre = pipeline.Preprocess(crop=48, resize=55, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     return pipeline.build_loader(samples, train=train, preprocess=pre, augment="seed", recipe="resnet18",
                                  batch_size=8, workers=workers, device=torch.device("cpu"), seed=3,
-                                 cache_dir=str(cache), progress=False, gpu_augment=False, start_method=start_method)
+                                 cache_dir=str(cache), progress=False, on_device=False, start_method=start_method)
 
 
 def all_batches(loader, epochs=(0, 1)):
