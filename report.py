@@ -20,7 +20,9 @@ from the runs' own files, so runs made before this report existed are drawn too:
                             and its random-init run on the same axes (TensorBoard event files)
   summary.png, .svg         test top-1 and mean per-class per network, pretrained beside random
                             init, with the original study's published top-1 marked
-  grid-<arch>.png, .svg     a grid's validation top-1 against the two options it varies most
+  grid-<arch>.png, .svg     a grid's validation top-1 against the two options it varies most;
+                            results.md lists each grid's trials with their status as the grid
+                            wrote it ("done", "cut at epoch 2", "stopped at epoch 4")
   confusion-<run>.png       each table run's test confusion matrix (runs that recorded it), and
                             its 20 most-confused pairs in results.md
 A figure that cannot be drawn is left out with one line saying why, in results.md and printed.
