@@ -630,9 +630,11 @@ def interrupted_line(config, argv):
     single = not (config["grid"] or config["grid_spec"] or config["compare"] or config["halving"])
     if single:
         folder = run_dir_of(config)
-        resume = [] if "--resume" in argv else ["--resume", "auto"]  # a grid resumes by rerunning it
-    else:
-        folder = Path(config["out"]) / config["script"]
+        given = any(a == "--resume" or a.startswith("--resume=") for a in argv)
+        resume = [] if given else ["--resume", "auto"]  # a grid resumes by rerunning it
+    else:  # a grid's own folder; a comparison's depends on an earlier grid: its script's folder
+        is_grid = config["grid"] or config["grid_spec"]
+        folder = Path(config["out"]) / config["script"] / (config["name"] or "grid" if is_grid else "")
         resume = []
     launcher = ["torchrun", f"--nproc-per-node={world}"] if world > 1 else [Path(sys.executable).name]
     command = shlex.join([*launcher, sys.argv[0], *argv, *resume])
