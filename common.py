@@ -47,13 +47,13 @@ def prepare_data(config):
     return read_data(config)[:2]
 
 
-def loader_options(config, device, rank=0, world=1, tensor_path=None):
+def loader_options(config, device, rank=0, world=1, on_device=None):
     """The keyword arguments every pipeline.build_loader call of a run shares."""
     return dict(preprocess=make_preprocess(config["arch"], config["img_size"], config["crop_mode"]),
                 seed_recipe=ARCHS[config["arch"]].seed_recipe, workers=config["workers"], device=device,
                 seed=config["seed"], cache_dir=config["cache_dir"] or str(Path(config["data"]) / ".cache"),
                 rank=rank, world_size=world, skip_bad=config["skip_bad"], progress=rank == 0,
-                gpu_augment=tensor_path)
+                on_device=on_device)
 
 
 def make_loader(samples, options, *, train, augment, batch_size):
@@ -382,15 +382,15 @@ def rank0_first(run, build):
 
 def build_loaders(run, budget, resident=None):
     """-> ({train, val, test: loader}, the loader options). Decode caches go to device memory where
-    the budget allows (the GPU's tensor path); resident True/False forces it, on any device."""
+    the budget allows (the GPU's on-device path); resident True/False forces it, on any device."""
     c = run.config
-    options = loader_options(c, run.device, run.rank, run.world, tensor_path=True if resident is not None else None)
+    options = loader_options(c, run.device, run.rank, run.world, on_device=True if resident is not None else None)
     aug = train_augment(c, run.world)
     loaders = rank0_first(run, lambda: {
         split: make_loader(samples, options, train=split == "train", augment=aug, batch_size=c["batch_size"])
         for split, samples in run.splits.items()})
     for split, loader in loaders.items():
-        if loader is not None and loader.gpu_augment:
+        if loader is not None and loader.on_device:
             place = (c["gpu_cache"] == "auto" and budget.reserve(f"{split} images", loader.cache_bytes)) \
                 if resident is None else resident
             if place:
@@ -747,5 +747,45 @@ def main(defaults, grid, argv=None, script=None):
         if config["parallel"]:
             fail("--parallel applies to --grid, --grid-spec and --compare; a single run under torchrun is DDP")
         return run_fit(config)
+    except BaseException as e:
+        if not interrupted(e):
+            raise
+        raise SystemExit(interrupted_line(config, sys.argv[1:] if argv is None else list(argv))) from None
     finally:
         devices.close_distributed()
+
+
+def interrupted(e):
+    """Whether Ctrl-C caused e: a KeyboardInterrupt, or an error raised while one unwound (torch.save's
+    zip writer, interrupted, fails again in its cleanup)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def interrupted_line(config, argv):
+    """Ctrl-C: the one line that names the run (or grid) folder and the command that resumes it;
+    printed by rank 0 only, exit status 130 (128 + SIGINT) as a shell reports it."""
+    import os
+    import shlex
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 130
+    single = not (config["grid"] or config["grid_spec"] or config["compare"] or config["halving"])
+    if single:
+        folder = run_folder(config)
+        given = any(a == "--resume" or a.startswith("--resume=") for a in argv)
+        resume = [] if given else ["--resume", "auto"]  # a grid resumes by rerunning it
+    else:  # a grid's own folder; a comparison's depends on an earlier grid: its script's folder
+        is_grid = config["grid"] or config["grid_spec"]
+        folder = Path(config["out"]) / config["script"] / (config["name"] or "grid" if is_grid else "")
+        resume = []
+    launcher = ["torchrun", f"--nproc-per-node={world}"] if world > 1 else [Path(sys.executable).name]
+    command = shlex.join([*launcher, sys.argv[0], *argv, *resume])
+    print(f"interrupted: {folder} keeps what was saved; resume with: {command}", file=sys.stderr, flush=True)
+    return 130

@@ -129,14 +129,27 @@ class CachedBatches:
             yield self.outputs[i], self.labels[i]
 
 
-def features_path(config, split, samples, dtype):
-    """Where the features before the head of one split are kept: keyed by the architecture, the
-    weights, the preprocessing, the precision and every file's path, size and mtime."""
-    w = config["weights"]
-    weights_id = [w, os.path.getsize(w), os.path.getmtime(w)] if Path(w).is_file() else w
+def weights_digest(part):
+    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, bytes): what its outputs
+    depend on whatever made them (--weights, the seed of random weights, a resumed checkpoint)."""
+    h = hashlib.sha256()
+    for name, t in sorted(part.state_dict().items()):
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def features_path(config, split, samples, dtype, digest, device):
+    """Where the features before the head of one split are kept: keyed by everything that decides
+    them: the backbone's weights (digest: weights_digest), the preprocessing, the precision, the device type,
+    the torch and torchvision versions and every file's path, label, size and mtime."""
+    import torchvision
+
     pre = preprocess_dict(make_preprocess(config["arch"], config["img_size"], config["crop_mode"]))
     files = [(s[0], s[1], os.path.getsize(s[0]), os.path.getmtime(s[0])) for s in samples]
-    key = hashlib.sha256(json.dumps([config["arch"], weights_id, pre, str(dtype), files], default=str).encode())
+    key = hashlib.sha256(json.dumps([config["arch"], digest, pre, str(dtype),
+                                     torch.device(device).type, torch.__version__, torchvision.__version__, files],
+                                    default=str).encode())
     cache = Path(config["cache_dir"] or Path(config["data"]) / ".cache")
     return cache / f"features-{config['arch']}-{split}-{key.hexdigest()[:16]}.pt"
 
@@ -194,13 +207,13 @@ def head_features(model, config, sources, served, device, dtype, budget, frozen=
     prefix's cached outputs. sources, served: as frozen_prefix."""
     backbone, head = cut_head(forward_sequence(model))
     body = cut_head(list(frozen.rest))[0] if frozen is not None else backbone
-    batches = {}
+    batches, digest = {}, weights_digest(backbone)
     for split, src in sources.items():
         if src is None:
             batches[split] = None
             continue
         inputs = CachedBatches(src, frozen.batches[split].outputs) if frozen is not None else src
-        path = features_path(config, split, src.samples, dtype)
+        path = features_path(config, split, src.samples, dtype, digest, device)
         f, _ = features_before_head(body, split, inputs, len(src.samples), device, dtype, path)
         budget.hold("features", f.numel() * f.element_size())
         batches[split] = CachedBatches(served[split], f)

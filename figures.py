@@ -304,13 +304,16 @@ def sort_values(values):
 def grid_figure(trials, keys, title=""):
     """Validation top-1 of a grid's trials against one or two hyper-parameters, the winner boxed.
 
-    trials: [{"values": {key: value}, "val_top1": pct, "winner": bool}]. Two keys: a heat map, rows
-    keys[0], columns keys[1]; a cell holds the best trial of that pair (other varied options
-    collapsed, the title says which). One key: bars. -> (fig, {"keys", "rows", "cols", "cells":
-    rows x cols of pct or None, "winner": (row, col)})."""
+    trials: [{"values": {key: value}, "val_top1": pct, "winner": bool, "status": str}]; status "done"
+    or as the grid wrote it ("cut at epoch 2"), printed under a cell's score when its best trial is
+    not done. Two keys: a heat map, rows keys[0], columns keys[1]; a cell holds the best trial of
+    that pair (other varied options collapsed, the title says which). One key: bars.
+    -> (fig, {"keys", "rows", "cols", "cells": rows x cols of pct or None, "status": rows x cols of
+    str or None, "winner": (row, col)})."""
     rows = sort_values(t["values"][keys[0]] for t in trials)
     cols = sort_values(t["values"][keys[1]] for t in trials) if len(keys) > 1 else [None]
     cells = [[None] * len(cols) for _ in rows]
+    status = [[None] * len(cols) for _ in rows]
     winner = None
     for t in trials:
         r = rows.index(t["values"][keys[0]])
@@ -318,8 +321,15 @@ def grid_figure(trials, keys, title=""):
         v = t["val_top1"]
         if v is not None and (cells[r][c] is None or v > cells[r][c]):
             cells[r][c] = v
+            status[r][c] = t.get("status", "done")
         if t.get("winner"):
             winner = (r, c)
+    def label(r, c):
+        v = cells[r][c]
+        if v is None:
+            return "-"
+        return f"{v:.2f}" if status[r][c] in (None, "done") else f"{v:.2f}\n{status[r][c]}"
+
     fig = Figure(figsize=(inches(max(5.5, 1.1 * len(cols) + 3.5)), inches(max(3.75, 0.6 * len(rows) + 2.4))),
                  dpi=DPI)
     ax = fig.add_subplot()
@@ -330,7 +340,7 @@ def grid_figure(trials, keys, title=""):
         for r in range(len(rows)):
             for c in range(len(cols)):
                 v = cells[r][c]
-                ax.text(c, r, "-" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=9,
+                ax.text(c, r, label(r, c), ha="center", va="center", fontsize=9,
                         color="black" if v is None or v >= np.nanmean(a) else "white")
         if winner:
             ax.add_patch(Rectangle((winner[1] - 0.5, winner[0] - 0.5), 1, 1, fill=False, edgecolor="red",
@@ -345,8 +355,7 @@ def grid_figure(trials, keys, title=""):
         colors = ["red" if winner and winner[0] == r else PRETRAINED_COLOR for r in range(len(rows))]
         ax.bar(range(len(rows)), heights, color=colors)
         for r, h in enumerate(heights):
-            ax.text(r, 0 if math.isnan(h) else h, "-" if math.isnan(h) else f"{h:.2f}", ha="center", va="bottom",
-                    fontsize=8)
+            ax.text(r, 0 if math.isnan(h) else h, label(r, 0), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(rows)), labels=[fmt_value(v) for v in rows])
         ax.set(xlabel=keys[0], ylabel="validation top-1 (%)")
         ax.grid(axis="y", alpha=0.3)
@@ -354,4 +363,4 @@ def grid_figure(trials, keys, title=""):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig, {"keys": list(keys), "rows": rows, "cols": cols if len(keys) > 1 else [], "cells": cells,
-                 "winner": winner}
+                 "status": status, "winner": winner}

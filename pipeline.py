@@ -9,10 +9,10 @@ which order, from where:
     cache_dir, keyed by the file list, sizes, mtimes and the geometry);
   * order and augmentation are a pure function of (seed, epoch, rank): one plan per epoch
     (augment.plan_arrays), DistributedSampler's sharding;
-  * CPU path (gpu_augment False): DataLoader workers render with augment.render_pil and hand
+  * CPU path (on_device False): DataLoader workers render with augment.render_pil and hand
     uint8 batches (a quarter of float32's bytes) through shared memory; the consumer
     normalises a whole batch in one pass into channels_last float32;
-  * tensor path (gpu_augment True): uint8 batches of the stored images on the device, each
+  * on-device path (on_device True): uint8 batches of the stored images on the device, each
     augmented and normalised by augment.render_torch. Streamed through the workers by default;
     with resident=True the whole cache is one uint8 tensor on the device, indexed per batch.
     The caller decides, knowing Loader.cache_bytes, and can free it with Loader.release();
@@ -23,14 +23,20 @@ Sections: presets · cache · batches · loader.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import math
 import multiprocessing
 import os
+import shutil
+import signal
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +46,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from augment import FLIP_P, draw_params, pack_plan, plan_arrays, render_pil, render_torch, train_recipe
+from errors import fail
 from records import commit_file, write_json
 
 
@@ -150,7 +157,8 @@ def _decode_one(path: str, geo: dict) -> tuple[np.ndarray, list[int]] | None:
 
 
 def _decode_chunk(npy_path: str, geo: dict, chunk: list[tuple[int, str]]) -> list:
-    """Pool task: decode a chunk straight into the shared memory-mapped cache file."""
+    """Pool task: decode a chunk straight into the shared memory-mapped cache file (its blocks
+    were reserved by _reserve_file, so a write into the map cannot meet a full disk)."""
     images = np.load(npy_path, mmap_mode="r+")
     sizes = []
     for i, path in chunk:
@@ -162,38 +170,106 @@ def _decode_chunk(npy_path: str, geo: dict, chunk: list[tuple[int, str]]) -> lis
     return sizes
 
 
-def _build_cache(npy_path: str, paths: list[str], geo: dict, progress: bool) -> dict:
-    """Decode all files into npy_path (written whole or not at all); returns the metadata."""
-    folder = os.path.dirname(npy_path)
-    tmp = tempfile.NamedTemporaryFile(dir=folder, suffix=".npy.tmp", delete=False).name
+def _quiet_worker() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group; the parent reports it, once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _npy_header(shape: tuple) -> bytes:
+    """The .npy header of a C-ordered uint8 array of this shape (what open_memmap writes)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                               "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _no_space(folder: str, need: int, free: int | None = None) -> None:
+    have = "" if free is None else f", {free:,} free"
+    fail(f"not enough disk space for a decode cache in {folder}: {need:,} bytes needed{have} "
+         f"(free some space, or pass --cache-dir on another disk)")
+
+
+def _reserve_file(path: str, header: bytes, nbytes: int) -> None:
+    """Write the header and reserve every block of the file, so that writes through a memory map
+    never meet a full disk (that is SIGBUS, which cannot be caught). posix_fallocate where the
+    OS has it; elsewhere, zeros written through the file."""
+    with open(path, "r+b") as f:
+        f.write(header)
+        f.flush()
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                    raise   # ENOSPC: the caller reports it
+        block = bytes(64 << 20)
+        left = nbytes - len(header)
+        while left > 0:
+            left -= f.write(block[:min(left, len(block))])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _decode_all(tmp: str, paths: list[str], geo: dict, progress: bool) -> list:
+    """Decode every file into the reserved file tmp, in pool processes -> each image's size."""
+    chunk = 32   # images per pool task: large enough to amortise the task overhead
+    chunks = [list(enumerate(paths))[i:i + chunk] for i in range(0, len(paths), chunk)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    procs = max(1, min(cores or 1, len(chunks)))
+    sizes = [None] * len(paths)
+    if progress:
+        print(f"building {geo['kind']} cache: {len(paths)} images, {procs} process(es)", flush=True)
+    if procs == 1:
+        for c in chunks:
+            for i, s in _decode_chunk(tmp, geo, c):
+                sizes[i] = s
+        return sizes
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed, out of memory)
+    # raises BrokenProcessPool here instead of leaving its task waiting forever
+    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context(method), initializer=_quiet_worker)
     try:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                  shape=(len(paths),) + _cache_shape(geo)).flush()
-        chunk = 32   # images per pool task: large enough to amortise the task overhead
-        chunks = [list(enumerate(paths))[i:i + chunk] for i in range(0, len(paths), chunk)]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        procs = max(1, min(cores or 1, len(chunks)))
-        sizes = [None] * len(paths)
-        if progress:
-            print(f"building {geo['kind']} cache: {len(paths)} images, {procs} process(es)",
-                  flush=True)
-        if procs == 1:
-            results = (_decode_chunk(tmp, geo, c) for c in chunks)
-            for res in results:
-                for i, s in res:
-                    sizes[i] = s
-        else:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            with multiprocessing.get_context(method).Pool(procs) as pool:
-                jobs = [pool.apply_async(_decode_chunk, (tmp, geo, c)) for c in chunks]
-                for job in jobs:
-                    for i, s in job.get():
-                        sizes[i] = s
-        commit_file(tmp, npy_path)
+        for job in [pool.submit(_decode_chunk, tmp, geo, c) for c in chunks]:
+            for i, s in job.result():
+                sizes[i] = s
+    except BrokenProcessPool:
+        fail(f"a process decoding images into {os.path.dirname(tmp)} died (killed, or out of memory); "
+             f"nothing was kept, run the command again")
+    finally:   # on Ctrl-C or an error: drop the queued chunks, wait only for the running ones
+        pool.shutdown(wait=True, cancel_futures=True)
+    return sizes
+
+
+def _build_cache(npy_path: str, paths: list[str], geo: dict, progress: bool) -> dict:
+    """Decode all files into npy_path (written whole or not at all); returns the metadata.
+    A full disk ends in one line naming the folder and the bytes needed, with nothing left."""
+    folder = os.path.dirname(npy_path)
+    shape = (len(paths),) + _cache_shape(geo)
+    header = _npy_header(shape)
+    need = len(header) + math.prod(shape)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        _no_space(folder, need, free)
+    tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=".", suffix=".npy.tmp", delete=False).name
+    try:
+        try:
+            _reserve_file(tmp, header, need)
+            sizes = _decode_all(tmp, paths, geo, progress)
+            commit_file(tmp, npy_path)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                _no_space(folder, need)
+            raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return {"geometry": geo, "sizes": sizes, "bad": [i for i, s in enumerate(sizes) if s is None]}
+
+
+def folder_bytes(folder: str) -> int:
+    """Bytes of the files directly in `folder` (a cache folder holds no sub-folders)."""
+    return sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
 
 
 def load_or_build_cache(paths: list[str], geo: dict, cache_dir: str | None,
@@ -218,7 +294,13 @@ def load_or_build_cache(paths: list[str], geo: dict, cache_dir: str | None,
                 print(f"{geo['kind']} cache reused: {npy}", flush=True)
             return images, meta, npy, None
         meta = _build_cache(npy, paths, geo, progress)
-        write_json(meta_path, meta)
+        try:
+            write_json(meta_path, meta)
+        except OSError as e:   # the cache without its metadata is never read: remove it
+            os.remove(npy)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                _no_space(cache_dir, os.path.getsize(npy) if os.path.exists(npy) else 0)
+            raise
         images = np.load(npy, mmap_mode="c")
         where = npy
     seconds = time.perf_counter() - start
@@ -226,6 +308,8 @@ def load_or_build_cache(paths: list[str], geo: dict, cache_dir: str | None,
         print(f"{geo['kind']} cache built in {seconds:.1f} s: {len(paths)} images, "
               f"{images.nbytes / 2**20:.0f} MiB{' -> ' + where if where else ' in memory'}",
               flush=True)
+        if where:   # every geometry adds a file: say what the folder holds (README, "Caches")
+            print(f"{cache_dir} now holds {folder_bytes(cache_dir) / 2**20:.0f} MiB of caches", flush=True)
     return images, meta, where, seconds
 
 
@@ -293,13 +377,27 @@ class _BatchSource(torch.utils.data.Dataset):
     """DataLoader items are whole batches, so workers never collate; every item is uint8.
 
     ("hwc", rows): cached images as stored [b,H,W,3] (the eval crops, or the train canvas
-    that the tensor path augments);
+    that the on-device path augments);
     ("aug", rows, plan): PIL-augmented [b,crop,crop,3].
     uint8 is a quarter of the float bytes crossing the processes; the consumer normalises.
+    With a cache file (path), a worker receives the path and maps the file itself, under any
+    start method: pickling an np.memmap would copy all its bytes into every spawned worker.
     """
 
-    def __init__(self, images: np.ndarray, pre: Preprocess):
-        self.images, self.pre = images, pre
+    def __init__(self, images: np.ndarray, pre: Preprocess, path: str | None = None):
+        self._images, self.pre, self.path = images, pre, path
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["_images"] = None   # opened by path on first use, in the worker
+        return state
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.path, mmap_mode="c")   # copy-on-write, as load_or_build_cache
+        return self._images
 
     def __len__(self):
         return 0   # never indexed by position; the sampler hands out whole batch items
@@ -322,10 +420,10 @@ class _BatchSource(torch.utils.data.Dataset):
 
 
 def augment_batch(images: np.ndarray, rows: np.ndarray, plan: dict, pre: Preprocess,
-                  tensor_path: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+                  on_device: bool, device: torch.device | str = "cpu") -> torch.Tensor:
     """Augment cached images `rows` with plan rows 0..len(rows)-1 by either of the loader's
     paths -> normalised float32 [b, 3, crop, crop] (for tests)."""
-    if tensor_path:
+    if on_device:
         src = torch.from_numpy(np.ascontiguousarray(images[rows])).to(device)
         packed = pack_plan(plan, np.arange(len(rows))).to(device)
         return render_torch(src, packed, crop=pre.crop, mean=pre.mean, std=pre.std)
@@ -349,8 +447,8 @@ class _Items:
         return len(self.items)
 
 
-_RESIDENT_NEEDS_TENSOR_PATH = ("resident=True (a tensor copy of the decode cache, indexed per batch) "
-                               "needs the tensor path: pass gpu_augment=True")
+_RESIDENT_NEEDS_ON_DEVICE = ("resident=True (a tensor copy of the decode cache, indexed per batch) "
+                               "needs the on-device path: pass on_device=True")
 
 
 class Loader:
@@ -362,14 +460,14 @@ class Loader:
     """
 
     def __init__(self, *, images, rows, sizes, samples, skipped, train, recipe, pre, batch_size,
-                 workers, device, seed, rank, world_size, gpu_augment, cache_path,
-                 cache_build_s, long_side, flip_p=0.0, resident=False):
+                 workers, device, seed, rank, world_size, on_device, cache_path,
+                 cache_build_s, long_side, flip_p=0.0, resident=False, start_method=None):
         self.images, self.sizes, self.samples, self.skipped = images, sizes, samples, skipped
         self.rows = rows        # cache row of each kept sample (bad files keep their rows)
         self.labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
         self.train, self.recipe, self.pre = train, recipe, pre
         self.batch_size, self.device, self.seed = batch_size, device, seed
-        self.rank, self.world_size, self.gpu_augment = rank, world_size, gpu_augment
+        self.rank, self.world_size, self.on_device = rank, world_size, on_device
         self.cache_path, self.cache_build_s, self.long_side = cache_path, cache_build_s, long_side
         self.flip_p = flip_p    # augment=flip: mirror this share of the eval-framed images
         self._flip = None
@@ -386,9 +484,11 @@ class Loader:
         self._std = torch.tensor(pre.std, device=device)
         self._rows = {}         # image width, px -> normalise_rows(pre, width, device)
         self._loader = torch.utils.data.DataLoader(
-            _BatchSource(images, pre), batch_size=None, sampler=self._items,
+            _BatchSource(images, pre, cache_path), batch_size=None, sampler=self._items,
             num_workers=workers, persistent_workers=workers > 0,
             pin_memory=device.type == "cuda",
+            # None: Python's default (fork on Linux before 3.14; spawn on macOS); batches are the same under each
+            multiprocessing_context=start_method if workers > 0 else None,
             # its own generator: starting an epoch's iteration then draws nothing from torch's
             # global one, so dropout masks do not depend on how often a loader was iterated
             generator=torch.Generator())
@@ -423,7 +523,7 @@ class Loader:
         self._batches = [np.arange(a, min(a + self.batch_size, len(order)))
                          for a in range(0, len(order), self.batch_size)]
         self._order_idx = order
-        if self._plan is None or self.gpu_augment:
+        if self._plan is None or self.on_device:
             self._items.items = [("hwc", self.rows[order[b]]) for b in self._batches]
         else:
             self._items.items = [("aug", self.rows[order[b]],
@@ -446,11 +546,11 @@ class Loader:
 
     def make_resident(self) -> None:
         """Copy the whole uint8 cache (cache_bytes) into one tensor on the device, now; later
-        batches index it and are the same as streamed ones. The tensor path only. Idempotent."""
+        batches index it and are the same as streamed ones. The on-device path only. Idempotent."""
         if self._resident is not None:
             return
-        if not self.gpu_augment:
-            raise ValueError(_RESIDENT_NEEDS_TENSOR_PATH + " (this loader has gpu_augment=False)")
+        if not self.on_device:
+            raise ValueError(_RESIDENT_NEEDS_ON_DEVICE + " (this loader has on_device=False)")
         resident = torch.empty(self.images.shape, dtype=torch.uint8, device=self.device)
         self._resident = resident.copy_(torch.from_numpy(self.images))   # a copy, also on the CPU
 
@@ -461,7 +561,7 @@ class Loader:
         self._resident = None
 
     def _device_batches(self):
-        """Tensor path: uint8 batches on the device, indexed from the resident cache, else
+        """On-device path: uint8 batches on the device, indexed from the resident cache, else
         streamed through the DataLoader (pinned on CUDA)."""
         if self._resident is not None:
             for b in self._batches:
@@ -486,7 +586,7 @@ class Loader:
 
     def __iter__(self):
         dev = self.device
-        if self.gpu_augment:
+        if self.on_device:
             for b, u8 in self._device_batches():
                 y = to_device(self.labels[self._order_idx[b]], dev)
                 if self._plan is None:
@@ -506,26 +606,28 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
                  augment: str, seed_recipe: str, batch_size: int, workers: int,
                  device: torch.device, seed: int, cache_dir: str | None, rank: int = 0,
                  world_size: int = 1, skip_bad: bool = False, progress: bool = True,
-                 gpu_augment: bool | None = None, resident: bool = False) -> Loader:
+                 on_device: bool | None = None, resident: bool = False,
+                 start_method: str | None = None) -> Loader:
     """A Loader over (path, label) samples; decodes every image once (the cache).
 
     train=True: a fresh permutation per epoch (same on every rank, rank r takes every
     world_size-th sample), augmentation `augment` for `seed_recipe` (augment.train_recipe), a last batch of 1 dropped;
     `none` and `flip` train on the evaluation framing (flip: mirrored with probability FLIP_P).
     train=False: evaluation preprocessing, every sample exactly once across the ranks.
-    gpu_augment: None = batched tensor augmentation when device is CUDA, PIL on the CPU
-    otherwise; True/False force a path (tests run the tensor path on the CPU).
+    on_device: None = batched tensor augmentation when device is CUDA, PIL on the CPU
+    otherwise; True/False force a path (tests run the on-device path on the CPU).
     resident: copy the whole uint8 cache (Loader.cache_bytes) into one tensor on `device` now
-    and serve batches by indexing it, no workers (the tensor path only: a ValueError
+    and serve batches by indexing it, no workers (the on-device path only: a ValueError
     otherwise); False streams batches through the DataLoader workers. The caller weighs it
     against its memory budget, here or later with Loader.make_resident(); Loader.release()
-    gives it back.
+    gives it back. start_method: how the workers start ("fork", "forkserver", "spawn"; None:
+    Python's default); each opens the cache file by its path.
     """
     device = torch.device(device)
-    tensor_path = device.type == "cuda" if gpu_augment is None else gpu_augment
-    if resident and not tensor_path:
-        raise ValueError(_RESIDENT_NEEDS_TENSOR_PATH + f" (got gpu_augment={gpu_augment} on device "
-                         f"{device}; None picks the tensor path on CUDA only)")
+    given, on_device = on_device, device.type == "cuda" if on_device is None else on_device
+    if resident and not on_device:
+        raise ValueError(_RESIDENT_NEEDS_ON_DEVICE + f" (got on_device={given} on device "
+                         f"{device}; None picks the on-device path on CUDA only)")
     if not samples:
         raise ValueError("no samples to load")
     if batch_size < 1 or workers < 0 or not 0 <= rank < world_size:
@@ -559,6 +661,6 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
     return Loader(images=images, rows=good, sizes=sizes, samples=kept, skipped=skipped, train=train,
                   recipe=aug, pre=preprocess, batch_size=batch_size, workers=workers,
                   device=device, seed=seed, rank=rank, world_size=world_size,
-                  gpu_augment=tensor_path, cache_path=cache_path, cache_build_s=build_s,
+                  on_device=on_device, cache_path=cache_path, cache_build_s=build_s,
                   long_side=geo.get("long", 0), flip_p=FLIP_P if train and augment == "flip" else 0.0,
-                  resident=resident)
+                  resident=resident, start_method=start_method)

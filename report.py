@@ -20,7 +20,9 @@ from the runs' own files, so runs made before this report existed are drawn too:
                             and its random-init run on the same axes (TensorBoard event files)
   summary.png, .svg         test top-1 and mean per-class per network, pretrained beside random
                             init, with the original study's published top-1 marked
-  grid-<arch>.png, .svg     a grid's validation top-1 against the two options it varies most
+  grid-<arch>.png, .svg     a grid's validation top-1 against the two options it varies most;
+                            results.md lists each grid's trials with their status as the grid
+                            wrote it ("done", "cut at epoch 2", "stopped at epoch 4")
   confusion-<run>.png       each table run's test confusion matrix (runs that recorded it), and
                             its 20 most-confused pairs in results.md
 A figure that cannot be drawn is left out with one line saying why, in results.md and printed.
@@ -114,8 +116,17 @@ def setting_of(c):
     return (data, carve, size, c.get("limit_per_class") or None, float(c.get("val_fraction", 0.1)))
 
 
-def describe_setting(s):
+def typed_data(rows, setting):
+    """The setting's data folder as its runs' users typed it (config.json's --data, the most used
+    spelling), not the resolved absolute path the setting is keyed by: no machine's paths in figures."""
+    typed = [r["config"].get("data") for r in rows if r["config"].get("data")]
+    return max(sorted(set(typed)), key=typed.count) if typed else setting[0]
+
+
+def describe_setting(s, rows=()):
+    """The setting in words; rows: its runs, whose --data spelling is shown."""
     data, (how, seed), size, limit, val = s
+    data = typed_data(rows, s)
     carve = (f"carved by split seed {seed}" if how == "split_seed"
              else f"carved by --seed {seed} (a run from before --split-seed)")
     return (f"data `{data}`; " + ("every image" if limit is None else f"at most {limit} images per class of each split")
@@ -293,9 +304,10 @@ def find_grids(runs_dir):
     return sorted(p.parent for p in Path(runs_dir).rglob("results.csv") if not (p.parent / "compare.json").exists())
 
 
-def grid_trials(group):
-    """-> [{"name", "config", "val_top1", "status"}] of a grid folder's trials with a validation
-    score: finished ones (metrics.json) and, from results.csv, those successive halving cut."""
+def scored_trials(group):
+    """-> [{"name", "config", "val_top1", "status"}] of a grid folder's trial folders with a
+    validation score: finished ones (metrics.json, status "done") and, from results.csv, those
+    successive halving cut or stopped, with the status as the grid wrote it ("cut at epoch 2")."""
     try:
         with open(group / "results.csv", newline="") as f:
             listed = {r.get("run", "").split("/")[-1]: r for r in csv.DictReader(f)}
@@ -316,7 +328,7 @@ def grid_trials(group):
             val = float(row.get("val_top1", ""))
         except ValueError:
             continue
-        if row.get("status") in ("cut", "stopped") and not math.isnan(val):
+        if row.get("status", "").startswith(("cut", "stopped")) and not math.isnan(val):
             trials.append({"name": d.name, "config": config, "val_top1": val, "status": row["status"]})
     ranked = [r.get("run", "").split("/")[-1] for r in listed.values() if r.get("status") == "done"]
     done = [t for t in trials if t["status"] == "done"]
@@ -402,8 +414,9 @@ def draw_curves(figs, folder, setting, chosen):
             lines.append(f"{name}.png: no random-init run of {DISPLAY_NAMES.get(arch, arch)} in this setting "
                          f"(--weights none or --compare): the pretrained run alone")
         title = (f"{DISPLAY_NAMES.get(arch, arch)}: pretrained against random initialisation, per epoch "
-                 f"({describe_setting(setting).replace('`', '')})")
+                 f"({describe_setting(setting, chosen).replace('`', '')})")
         fig, data = figures.curves_figure(runs, title=title)
+        data["title"] = title
         for d, r in zip(data["runs"], runs):
             d["run"] = r["run"]
         figs.save(folder, name, fig, data, svg=True)
@@ -432,8 +445,9 @@ def draw_summary(figs, folder, setting, chosen):
     caption = ("Ours: per network the run with the best validation top-1 (recipe and checkpoint chosen on a "
                "validation part carved from train/; the test split seen once, at the end). Black lines: the "
                "original study's published top-1, whose checkpoints and hyper-parameters were chosen on its test "
-               f"split. Setting: {describe_setting(setting).replace('`', '')}.")
+               f"split. Setting: {describe_setting(setting, chosen).replace('`', '')}.")
     fig, data = figures.summary_figure(networks, caption=caption)
+    data["caption"] = caption
     figs.save(folder, "summary", fig, data, svg=True)
     return lines
 
@@ -460,14 +474,27 @@ def draw_confusions(figs, folder, chosen):
     return "\n\n".join(parts), lines
 
 
+def grid_table(rel_group, trials, keys):
+    """One grid's trials, each with its validation top-1 and its status as the grid wrote it."""
+    columns = ("trial", *keys, "val Top@1", "status")
+    lines = [f"{rel_group}:", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for t in sorted(trials, key=lambda t: (t["status"] != "done", -t["val_top1"], t["name"])):
+        values = [fmt_rate(option_value(t["config"], k)) for k in keys]
+        status = t["status"] + (", the winner" if t.get("winner") else "")
+        lines.append("| " + " | ".join(v.replace("|", "/") for v in (t["name"], *values, fmt_pct(t["val_top1"]),
+                                                                     status)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def draw_grids(figs, runs_dir):
-    """grid-<arch>.png per grid folder (grid-<arch>-<group>.png when a network has several)."""
+    """grid-<arch>.png per grid folder (grid-<arch>-<group>.png when a network has several), and
+    each grid's table of trials. -> (left-out lines, tables)."""
     import figures
 
-    groups = [(g, grid_trials(g)) for g in find_grids(runs_dir)]
+    groups = [(g, scored_trials(g)) for g in find_grids(runs_dir)]
     groups = [(g, t) for g, t in groups if t or any((p / "config.json").is_file() for p in g.iterdir())]
     arch_of = {g: (t[0]["config"].get("arch", "?") if t else "?") for g, t in groups}
-    lines = []
+    lines, tables = [], []
     for g, trials in groups:
         rel_group = g.relative_to(runs_dir).as_posix()
         arch = arch_of[g]
@@ -475,6 +502,8 @@ def draw_grids(figs, runs_dir):
         if sum(a == arch for a in arch_of.values()) > 1:
             name += "-" + re.sub(r"[^A-Za-z0-9.+=-]", "_", rel_group)
         keys = varied_keys(trials)
+        if trials:
+            tables.append(grid_table(rel_group, trials, keys))
         if len(trials) < 2:
             lines.append(figs.leave_out(figs.root, name, f"the grid {rel_group} has {len(trials)} trial(s) with a "
                                                          f"validation score: nothing to compare"))
@@ -489,11 +518,11 @@ def draw_grids(figs, runs_dir):
         if rest:
             title += f"; each cell the best over {', '.join(rest)}"
         if any(t["status"] != "done" for t in trials):
-            title += "; trials cut by successive halving at their last validation"
+            title += "; trials cut by successive halving at their last validation, marked"
         fig, data = figures.grid_figure(points, shown, title="\n".join(wrap(title, 90)))
         data["trials"] = points
         figs.save(figs.root, name, fig, data, svg=True)
-    return lines
+    return lines, tables
 
 
 def wrap(text, width):
@@ -515,7 +544,7 @@ def setting_section(figs, setting, rows, folder, level, heading=""):
     """One setting's table, figures (in folder) and most-confused pairs -> (markdown, note lines)."""
     h = "#" * level
     chosen = table_rows(rows)
-    out = [f"{h} {heading}{describe_setting(setting)}", "", render(chosen, len(rows))]
+    out = [f"{h} {heading}{describe_setting(setting, rows)}", "", render(chosen, len(rows))]
     notes = draw_curves(figs, folder, setting, chosen)
     notes += draw_summary(figs, folder, setting, chosen)
     pairs, confusion_notes = draw_confusions(figs, folder, chosen)
@@ -554,10 +583,11 @@ def build_report(runs_dir, rows):
             text, n = setting_section(figs, s, srows, figs.root / slug, 3)
             parts += [text]
         notes += n
-    grid_notes = draw_grids(figs, runs_dir)
+    grid_notes, grid_tables = draw_grids(figs, runs_dir)
     grid_links = [g for g in figure_links(figs, figs.root) if "](figures/grid-" in g]
-    if grid_links or grid_notes:
-        parts += ["## Grids", ""] + grid_links + [""] + [f"- {n}" for n in grid_notes] + ([""] if grid_notes else [])
+    if grid_links or grid_notes or grid_tables:
+        parts += ["## Grids", ""] + grid_tables + grid_links + [""] + [f"- {n}" for n in grid_notes] + \
+            ([""] if grid_notes else [])
     figs.remove_stale()
     text = "\n".join(parts).rstrip("\n") + "\n"
     return {"text": text, "figures": figs.drawn, "left_out": figs.left_out, "notes": notes + grid_notes}

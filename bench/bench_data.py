@@ -53,11 +53,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch threads of the main process (default: 1)")
     p.add_argument("--cache-dir", default=None,
                    help="decode cache folder (default: none, the cache is built in memory)")
-    p.add_argument("--gpu-augment", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--on-device", choices=("auto", "on", "off"), default="auto",
                    help="ours: batched tensor augmentation; auto = on for CUDA (default: auto)")
     p.add_argument("--resident", choices=("auto", "on", "off"), default="auto",
-                   help="ours: the whole decode cache as one tensor on the device (tensor path "
-                        "only); auto = on for the tensor path on CUDA (default: auto)")
+                   help="ours: the whole decode cache as one tensor on the device (on-device path "
+                        "only); auto = on for the on-device path on CUDA (default: auto)")
     p.add_argument("--original", action="store_true",
                    help="measure the original PIL pipeline instead of ours")
     p.add_argument("--compare", action="store_true",
@@ -133,14 +133,14 @@ def make_ours(args, device):
     samples = ImageFolder(os.path.join(args.data, "train")).samples   # (path, class index)
     pre = pipeline.Preprocess(crop=crop, resize=original.resize_of(name, crop), mean=original.MEAN,
                               std=original.STD)
-    tensor_path = {"auto": device.type == "cuda", "on": True, "off": False}[args.gpu_augment]
-    resident = {"auto": tensor_path and device.type == "cuda", "on": True, "off": False}[args.resident]
-    if resident and not tensor_path:
-        raise SystemExit("--resident on needs the tensor path: --gpu-augment on (or auto on CUDA)")
+    on_device = {"auto": device.type == "cuda", "on": True, "off": False}[args.on_device]
+    resident = {"auto": on_device and device.type == "cuda", "on": True, "off": False}[args.resident]
+    if resident and not on_device:
+        raise SystemExit("--resident on needs the on-device path: --on-device on (or auto on CUDA)")
     loader = pipeline.build_loader(
         samples, train=True, preprocess=pre, augment="seed", seed_recipe=name,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
-        cache_dir=args.cache_dir, gpu_augment=tensor_path, resident=resident)
+        cache_dir=args.cache_dir, on_device=on_device, resident=resident)
 
     def epoch_iter(epoch):
         loader.set_epoch(epoch)

@@ -141,7 +141,7 @@ def setup_ours(args, device, samples, num_classes):
     loader = pipeline.build_loader(
         samples, train=True, preprocess=pre, augment="seed", seed_recipe=common.ARCHS[arch].seed_recipe,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
-        cache_dir=args.cache_dir, gpu_augment=True if resident else None, resident=resident)
+        cache_dir=args.cache_dir, on_device=True if resident else None, resident=resident)
 
     def epoch(e):
         loader.set_epoch(e)

@@ -132,7 +132,7 @@ def make_step(model, arch, device, dtype):
 def paths(samples, classes, args, device, dtype):
     """-> {path name: (loader or CachedBatches, model)} for every input path."""
     pre = common.make_preprocess(args.arch, args.img_size)
-    kw = dict(train=True, preprocess=pre, recipe=common.ARCHS[args.arch].recipe, batch_size=args.batch_size,
+    kw = dict(train=True, preprocess=pre, seed_recipe=common.ARCHS[args.arch].seed_recipe, batch_size=args.batch_size,
               workers=args.workers, device=device, seed=0, cache_dir=args.cache_dir, progress=False)
 
     def network():
@@ -142,11 +142,11 @@ def paths(samples, classes, args, device, dtype):
         return model.to(device=device, memory_format=torch.channels_last)
 
     out = {}
-    for name, augment, tensor_path, resident in [("resident-augmented", "seed", True, True),
+    for name, augment, on_device, resident in [("resident-augmented", "seed", True, True),
                                                  ("streamed-augmented", "seed", True, False),
                                                  ("resident-eval-framing", "none", True, True),
                                                  ("pil-augmented", "seed", False, False)]:
-        loader = pipeline.build_loader(samples, augment=augment, gpu_augment=tensor_path, resident=resident, **kw)
+        loader = pipeline.build_loader(samples, augment=augment, on_device=on_device, resident=resident, **kw)
         out[name] = loader, network()
     # a frozen backbone's features, computed once; a linear head trains on them in the loader's order
     loader = out["resident-eval-framing"][0]

@@ -1,12 +1,20 @@
-"""Shared fixtures: the real Caltech-101 archive from ../shared, shrunk for CPU tests.
+"""Shared fixtures: the real Caltech-101 archive, shrunk for CPU tests.
 
 Tests that need real images use `real_split` (a train/ and test/ tree cut from the real
 archive, images shrunk to 64 px on the long side so decoding is cheap) and skip with a
-clear reason when ../shared is absent.
+clear reason when no archive is found. Where the archive is looked for, in order: the file the
+environment variable CALTECH101_ARCHIVE names; dataset/caltech-101.zip or
+dataset/101_ObjectCategories.tar.gz of this repository (where split_data.py finds it too);
+../shared/data/101_ObjectCategories.tar.gz beside the repository.
 """
+import atexit
 import io
+import os
+import shutil
 import sys
 import tarfile
+import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,14 +22,52 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARCHIVE = ROOT.parent / "shared" / "data" / "101_ObjectCategories.tar.gz"
-NO_ARCHIVE = f"real Caltech-101 archive not found at {ARCHIVE} (../shared is absent)"
+ENV_VAR = "CALTECH101_ARCHIVE"
+INNER = "101_ObjectCategories.tar.gz"  # the official caltech-101.zip holds it beside Annotations.tar
+
+
+def archive_candidates():
+    named = os.environ.get(ENV_VAR)
+    return ([Path(named).expanduser()] if named else []) + [
+        ROOT / "dataset" / "caltech-101.zip", ROOT / "dataset" / INNER, ROOT.parent / "shared" / "data" / INNER]
+
+
+NO_ARCHIVE = (f"real Caltech-101 archive not found: put caltech-101.zip or {INNER} in {ROOT / 'dataset'} "
+              f"(`python split_data.py --download` fetches the zip there), or set {ENV_VAR}=/path/to/it")
+
+
+def tar_of(archive):
+    """The archive as a tar.gz: itself, or (the official zip) its inner tar.gz, extracted once per
+    test session into a temporary folder."""
+    if not zipfile.is_zipfile(archive):
+        return archive
+    key = str(archive.resolve())
+    if key not in _EXTRACTED:
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if n.endswith(INNER)]
+            if not names:
+                pytest.skip(f"{archive}: a zip without {INNER} inside (expected the official caltech-101.zip). "
+                            + NO_ARCHIVE)
+            folder = Path(tempfile.mkdtemp(prefix="caltech101-"))
+            atexit.register(shutil.rmtree, folder, True)
+            with zf.open(names[0]) as src, open(folder / INNER, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        _EXTRACTED[key] = folder / INNER
+    return _EXTRACTED[key]
+
+
+_EXTRACTED = {}
 
 
 def need_archive():
-    if not ARCHIVE.is_file():
-        pytest.skip(NO_ARCHIVE)
-    return ARCHIVE
+    """The real archive as a tar.gz, found where a user keeps it (archive_candidates), or skip."""
+    named = os.environ.get(ENV_VAR)
+    if named and not Path(named).expanduser().is_file():
+        pytest.skip(f"{ENV_VAR}={named}: no such file. " + NO_ARCHIVE)
+    for path in archive_candidates():
+        if path.is_file():
+            return tar_of(path)
+    pytest.skip(NO_ARCHIVE)
 
 
 @pytest.fixture(scope="session")

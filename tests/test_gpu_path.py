@@ -117,7 +117,7 @@ def test_gpu_cache_off_keeps_every_decode_cache_in_host_memory_with_the_same_res
         placed[run.config["gpu_cache"]] = sorted(s for s, loader in loaders.items() if loader and loader.resident)
         return loaders, options
 
-    monkeypatch.setattr(common, "loader_options", lambda *a, **k: dict(real_options(*a, **k), gpu_augment=True))
+    monkeypatch.setattr(common, "loader_options", lambda *a, **k: dict(real_options(*a, **k), on_device=True))
     monkeypatch.setattr(common, "build_loaders", spy)
     for mode in ("auto", "off"):
         c = config(data, tmp_path, name=f"gpu-cache-{mode}", precision="fp32", epochs=1, cache_frozen="off")

@@ -23,7 +23,7 @@ import pipeline as P
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CPU = torch.device("cpu")
-PATHS = {"cpu": False, "tensor": True}   # gpu_augment forced: PIL path, batched tensor path
+PATHS = {"cpu": False, "tensor": True}   # on_device forced: PIL path, batched on-device path
 
 
 def coord_image(w, h):
@@ -102,7 +102,7 @@ def test_geometry_matches_drawn_parameters(coord_samples, path):
         p[k] = np.ones(len(rows))
     p["hue"], p["gray"] = np.zeros(len(rows)), np.zeros(len(rows), bool)
     plan = A.plan_arrays(p, sizes[rows], pre.crop, P.cache_geometry(pre, True)["long"])
-    x = P.augment_batch(images, rows, plan, pre, tensor_path=PATHS[path])
+    x = P.augment_batch(images, rows, plan, pre, on_device=PATHS[path])
     got = np.array([fit_geometry(x[k], pre, sizes[r]) for k, r in enumerate(rows)])
     area, aspect, flip, angle = got.T
     i, j, h, w = p["box"].T
@@ -126,8 +126,8 @@ def test_light_augment_statistics_through_loader(coord_samples, path):
     """Public API, augment=light: flip rate ~0.5, area in [0.08, 1], aspect in [3/4, 4/3]."""
     pre = P.Preprocess(crop=40, resize=48, **IMAGENET)
     loader = P.build_loader(coord_samples, train=True, preprocess=pre, augment="light",
-                            seed_recipe="resnet18", batch_size=6, workers=0, device=CPU, seed=1,
-                            cache_dir=None, progress=False, gpu_augment=PATHS[path])
+                            seed_seed_recipe="resnet18", batch_size=6, workers=0, device=CPU, seed=1,
+                            cache_dir=None, progress=False, on_device=PATHS[path])
     sizes = {y: s for y, s in enumerate(cached(coord_samples, pre)[1])}
     fits = []
     for epoch in range(30):
@@ -160,8 +160,8 @@ def test_grayscale_rate_and_normalisation(real_split, path):
     samples = colour_samples(real_split)
     pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
     loader = P.build_loader(samples, train=True, preprocess=pre, augment="seed",
-                            seed_recipe="resnet18", batch_size=64, workers=0, device=CPU, seed=0,
-                            cache_dir=None, progress=False, gpu_augment=PATHS[path])
+                            seed_seed_recipe="resnet18", batch_size=64, workers=0, device=CPU, seed=0,
+                            cache_dir=None, progress=False, on_device=PATHS[path])
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
     gray, n = 0, 0
     for epoch in range(2):
@@ -176,7 +176,7 @@ def test_grayscale_rate_and_normalisation(real_split, path):
     assert 0.06 < gray / n < 0.14, gray / n
 
 
-def test_tensor_path_agrees_with_pil_path(real_split):
+def test_on_device_agrees_with_pil_path(real_split):
     """Same plan, both renderers: the same images up to interpolation (B4 recipe incl. blur,
     perspective and hue)."""
     samples = colour_samples(real_split)[:32]
@@ -186,8 +186,8 @@ def test_tensor_path_agrees_with_pil_path(real_split):
     for name in ("resnet18", "efficientnet_b4"):
         p = A.draw_params(A.SEED_RECIPES[name], sizes, pre.crop, np.random.default_rng(5))
         plan = A.plan_arrays(p, sizes, pre.crop, P.cache_geometry(pre, True)["long"])
-        a = P.augment_batch(images, rows, plan, pre, tensor_path=False)
-        b = P.augment_batch(images, rows, plan, pre, tensor_path=True)
+        a = P.augment_batch(images, rows, plan, pre, on_device=False)
+        b = P.augment_batch(images, rows, plan, pre, on_device=True)
         per_image = (a - b).abs().mean((1, 2, 3))
         assert per_image.max() < 0.25 and per_image.mean() < 0.12, (name, per_image.max())
 
@@ -313,8 +313,8 @@ def test_eval_matches_torchvision(real_split, path, interpolation):
     ref_tf = T.Compose([T.Resize(64, interpolation=mode), T.CenterCrop(56), T.ToTensor(),
                         T.Normalize(**IMAGENET)])
     loader = P.build_loader(samples, train=False, preprocess=pre, augment="seed",
-                            seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
-                            cache_dir=None, progress=False, gpu_augment=PATHS[path])
+                            seed_seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
+                            cache_dir=None, progress=False, on_device=PATHS[path])
     got = torch.cat([x for x, _ in loader])
     ys = torch.cat([y for _, y in loader])
     assert torch.equal(ys, torch.arange(len(files)))                      # given order
@@ -331,9 +331,9 @@ def test_squash_eval_is_the_whole_image_resized(real_split, path, tmp_path):
     got = {}
     for mode in ("center", "squash"):
         pre = P.Preprocess(crop=56, resize=64, crop_mode=mode, **IMAGENET)
-        loader = P.build_loader(samples, train=False, preprocess=pre, augment="none", seed_recipe="resnet18",
+        loader = P.build_loader(samples, train=False, preprocess=pre, augment="none", seed_seed_recipe="resnet18",
                                 batch_size=50, workers=0, device=CPU, seed=0, cache_dir=str(tmp_path),
-                                progress=False, gpu_augment=PATHS[path])
+                                progress=False, on_device=PATHS[path])
         got[mode] = torch.cat([x for x, _ in loader])
     ref = torch.stack([T.Compose([T.Resize((56, 56)), T.ToTensor(), T.Normalize(**IMAGENET)])(
         Image.open(f).convert("RGB")) for f in files])
@@ -341,15 +341,15 @@ def test_squash_eval_is_the_whole_image_resized(real_split, path, tmp_path):
     assert (got["center"] - ref).abs().amax(dim=(1, 2, 3)).min() > 0.5   # every image framed differently
     train = P.build_loader(samples, train=True, preprocess=P.Preprocess(crop=56, resize=64, crop_mode="squash",
                                                                         **IMAGENET),
-                           augment="none", seed_recipe="resnet18", batch_size=10, workers=0, device=CPU, seed=0,
-                           cache_dir=str(tmp_path), progress=False, gpu_augment=PATHS[path])
+                           augment="none", seed_seed_recipe="resnet18", batch_size=10, workers=0, device=CPU, seed=0,
+                           cache_dir=str(tmp_path), progress=False, on_device=PATHS[path])
     for x, y in train:   # --augment none trains on the same framing
         assert (x - ref[y]).abs().max() <= 1e-4
     assert len(list(tmp_path.glob("eval-*.npy"))) == 2
     with pytest.raises(ValueError, match="unknown crop_mode 'border'; choose from center, squash"):
         P.build_loader(samples, train=False, preprocess=P.Preprocess(crop=56, resize=64, crop_mode="border",
                                                                      **IMAGENET),
-                       augment="none", seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
+                       augment="none", seed_seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
                        cache_dir=None, progress=False)
 
 
@@ -359,7 +359,7 @@ def test_augment_none_is_eval_preprocessing_shuffled(real_split):
     pre = P.Preprocess(crop=56, resize=64, **IMAGENET)
     ref_tf = T.Compose([T.Resize(64), T.CenterCrop(56), T.ToTensor(), T.Normalize(**IMAGENET)])
     loader = P.build_loader(samples, train=True, preprocess=pre, augment="none",
-                            seed_recipe="resnet18", batch_size=16, workers=0, device=CPU, seed=0,
+                            seed_seed_recipe="resnet18", batch_size=16, workers=0, device=CPU, seed=0,
                             cache_dir=None, progress=False)
     ys = []
     for x, y in loader:
@@ -378,7 +378,7 @@ def test_augment_flip_mirrors_the_eval_framing(real_split, path, tmp_path):
     samples = [(str(f), i) for i, f in enumerate(files)]
     pre = P.Preprocess(crop=48, resize=56, crop_mode="squash", **IMAGENET)
     kw = dict(preprocess=pre, seed_recipe="efficientnet_lite0", batch_size=16, workers=0, device=CPU,
-              seed=3, cache_dir=str(tmp_path), progress=False, gpu_augment=PATHS[path])
+              seed=3, cache_dir=str(tmp_path), progress=False, on_device=PATHS[path])
     ref = torch.cat([x for x, _ in P.build_loader(samples, train=False, augment="flip", **kw)])
     assert torch.equal(ref, torch.cat([x for x, _ in P.build_loader(samples, train=False, augment="none", **kw)]))
     assert ref.shape == (48, 3, 48, 48)
@@ -410,7 +410,7 @@ def test_grayscale_and_palette_files_become_rgb(tmp_path):
         "P", palette=Image.ADAPTIVE).save(pal)
     pre = P.Preprocess(crop=16, resize=20, mean=(0, 0, 0), std=(1, 1, 1))
     loader = P.build_loader([(str(gray), 0), (str(pal), 1)], train=False, preprocess=pre,
-                            augment="seed", seed_recipe="resnet18", batch_size=2, workers=0,
+                            augment="seed", seed_seed_recipe="resnet18", batch_size=2, workers=0,
                             device=CPU, seed=0, cache_dir=None, progress=False)
     x, _ = next(iter(loader))
     assert torch.allclose(x[0], torch.full((3, 16, 16), 100 / 255))
@@ -434,7 +434,7 @@ def test_same_seed_and_epoch_give_identical_batches(real_split, path):
         return P.build_loader(samples, train=True, preprocess=pre, augment="seed",
                               seed_recipe="efficientnet_b4", batch_size=8, workers=workers,
                               device=CPU, seed=7, cache_dir=None, progress=False,
-                              gpu_augment=PATHS[path])
+                              on_device=PATHS[path])
     a, b = make(0), make(2 if path == "cpu" else 0)   # worker processes change nothing
     first, again, other = epoch_batches(a, 3), epoch_batches(b, 3), epoch_batches(a, 4)
     assert len(first) == 5
@@ -449,7 +449,7 @@ def test_train_shards_are_disjoint_equal_and_share_one_permutation(coord_samples
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
     world = 3
     loaders = [P.build_loader(samples, train=True, preprocess=pre, augment="light",
-                              seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=2,
+                              seed_seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=2,
                               cache_dir=None, rank=r, world_size=world, progress=False)
                for r in range(world)]
     shards = {}
@@ -470,7 +470,7 @@ def test_last_batch_of_one_is_dropped_in_training(coord_samples):
     samples = [(p, i) for i, (p, _) in enumerate(coord_samples + coord_samples[:3])]   # 9
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
     loader = P.build_loader(samples, train=True, preprocess=pre, augment="light",
-                            seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
+                            seed_seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
                             cache_dir=None, progress=False)
     sizes = [len(y) for _, y in loader]
     assert sizes == [4, 4] and loader.num_samples == 8 and len(loader) == 2
@@ -482,7 +482,7 @@ def test_eval_shards_cover_every_sample_once(coord_samples):
     seen = []
     for r in range(3):
         loader = P.build_loader(samples, train=False, preprocess=pre, augment="seed",
-                                seed_recipe="resnet18", batch_size=2, workers=0, device=CPU,
+                                seed_seed_recipe="resnet18", batch_size=2, workers=0, device=CPU,
                                 seed=0, cache_dir=None, rank=r, world_size=3, progress=False)
         ys = [int(v) for _, y in loader for v in y]
         assert len(ys) == loader.num_samples
@@ -499,7 +499,7 @@ def test_eval_shards_cover_every_sample_once(coord_samples):
                                                   (False, "none", "resnet18")])
 def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, augment, seed_recipe):
     """resident=True (the whole uint8 cache one tensor on the device, forced here on the CPU)
-    serves bit-identical fp32 batches to the streamed tensor path, epoch after epoch, and so
+    serves bit-identical fp32 batches to the streamed on-device path, epoch after epoch, and so
     does the same loader after release() and after make_resident() again, both idempotent. A
     bad first file shifts every sample's cache row."""
     bad = tmp_path / "bad.jpg"
@@ -508,7 +508,7 @@ def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, 
     pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
     kw = dict(train=train, preprocess=pre, augment=augment, seed_recipe=seed_recipe, batch_size=8, workers=0,
               device=CPU, seed=5, cache_dir=str(tmp_path / "cache"), progress=False, skip_bad=True,
-              gpu_augment=True)
+              on_device=True)
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         streamed = P.build_loader(samples, resident=False, **kw)
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
@@ -536,15 +536,15 @@ def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, 
     same((2,))
 
 
-def test_resident_needs_the_tensor_path(coord_samples):
+def test_resident_needs_the_on_device_path(coord_samples):
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
-    kw = dict(train=True, preprocess=pre, augment="light", seed_recipe="resnet18", batch_size=4, workers=0,
+    kw = dict(train=True, preprocess=pre, augment="light", seed_seed_recipe="resnet18", batch_size=4, workers=0,
               device=CPU, seed=0, cache_dir=None, progress=False, resident=True)
-    for gpu_augment in (False, None):                # None: the tensor path on CUDA only
-        with pytest.raises(ValueError, match=r"resident=True \(.*\) needs the tensor path: pass gpu_augment=True"):
-            P.build_loader(coord_samples, gpu_augment=gpu_augment, **kw)
-    streamed = P.build_loader(coord_samples, gpu_augment=None, **dict(kw, resident=False))
-    with pytest.raises(ValueError, match="needs the tensor path"):
+    for on_device in (False, None):                # None: the on-device path on CUDA only
+        with pytest.raises(ValueError, match=r"resident=True \(.*\) needs the on-device path: pass on_device=True"):
+            P.build_loader(coord_samples, on_device=on_device, **kw)
+    streamed = P.build_loader(coord_samples, on_device=None, **dict(kw, resident=False))
+    with pytest.raises(ValueError, match="needs the on-device path"):
         streamed.make_resident()
     assert not streamed.resident and streamed.cache_bytes > 0
 
@@ -566,7 +566,7 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, capsys):
 
     def make():
         return P.build_loader(samples, train=False, preprocess=pre, augment="seed",
-                              seed_recipe="resnet18", batch_size=3, workers=0, device=CPU, seed=0,
+                              seed_seed_recipe="resnet18", batch_size=3, workers=0, device=CPU, seed=0,
                               cache_dir=str(cache), progress=True)
     first = make()
     assert "cache built in" in capsys.readouterr().out and first.cache_build_s is not None
@@ -595,7 +595,7 @@ def test_truncated_jpeg_raises_or_is_skipped(real_split, tmp_path, train):
     bad.write_bytes(data[: len(data) // 2])
     samples = [(str(f), i) for i, f in enumerate(files)] + [(str(bad), 6)]
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
-    kwargs = dict(train=train, preprocess=pre, augment="seed", seed_recipe="resnet18", batch_size=4,
+    kwargs = dict(train=train, preprocess=pre, augment="seed", seed_seed_recipe="resnet18", batch_size=4,
                   workers=0, device=CPU, seed=0, cache_dir=str(tmp_path / "cache"),
                   progress=False)
     with pytest.raises(P.BadImagesError) as err:
@@ -612,7 +612,7 @@ def test_unknown_choices_list_the_allowed_values(coord_samples):
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
     with pytest.raises(ValueError, match="seed, light, flip, none"):
         P.build_loader(coord_samples, train=True, preprocess=pre, augment="heavy",
-                       seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
+                       seed_seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
                        cache_dir=None, progress=False)
     with pytest.raises(ValueError, match="resnet18, resnet50"):
         P.build_loader(coord_samples, train=True, preprocess=pre, augment="seed",
@@ -642,9 +642,9 @@ def test_batches_make_no_device_constant_and_copy_nothing_blocking(real_split, p
     sync_check = host_copies()
     samples = colour_samples(real_split)[:20]
     pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
-    loader = P.build_loader(samples, train=train, preprocess=pre, augment=augment, recipe="resnet18", batch_size=4,
+    loader = P.build_loader(samples, train=train, preprocess=pre, augment=augment, seed_recipe="resnet18", batch_size=4,
                             workers=0, device=CPU, seed=3, cache_dir=None, progress=False,
-                            gpu_augment=PATHS[path], resident=resident)
+                            on_device=PATHS[path], resident=resident)
     constants = None
     for epoch in (0, 1):
         loader.set_epoch(epoch)
@@ -668,7 +668,7 @@ def test_cached_outputs_are_indexed_without_a_blocking_copy(real_split):
     sync_check = host_copies()
     samples = colour_samples(real_split)[:12]
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
-    loader = P.build_loader(samples, train=True, preprocess=pre, augment="none", recipe="resnet18", batch_size=4,
+    loader = P.build_loader(samples, train=True, preprocess=pre, augment="none", seed_recipe="resnet18", batch_size=4,
                             workers=0, device=CPU, seed=0, cache_dir=None, progress=False)
     outputs = torch.arange(len(samples) * 2, dtype=torch.float32).view(-1, 2)
     cached = features.CachedBatches(loader, outputs)

@@ -410,3 +410,20 @@ def test_report_on_real_short_runs(tmp_path, caltech_archive, capsys):
            for p in runs}
     assert summary["top1"] == {"EfficientNet-Lite0": {"pretrained": pytest.approx(got["imagenet"]["test_top1"]),
                                                       "random init": pytest.approx(got["none"]["test_top1"])}}
+
+
+def test_figures_and_tables_show_the_data_folder_as_it_was_typed(tmp_path, monkeypatch):
+    """Runs made with --data dataset/images (relative) and ./dataset/images are one setting, shown
+    as typed: no absolute path of the machine that ran them in a figure or a heading."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    write_run(runs, "main_ResNet-18/a", data="dataset/images", val=[60.0, 70.0, 75.0], test=80.0)
+    write_run(runs, "main_ResNet-18/b", data="dataset/images", weights="none", unfreeze="all", test=30.0)
+    write_run(runs, "main_ResNet-18/c", data="./dataset/images", val=[50.0, 55.0, 60.0], test=70.0)
+    res = report.main([str(runs)])
+    assert "## Main table: data `dataset/images`; every image" in res["text"]
+    assert str(tmp_path) not in res["text"].replace(str(runs), "")
+    curves = res["figures"]["figures/curves-resnet18.png"]
+    summary = res["figures"]["figures/summary.png"]
+    assert "data dataset/images;" in curves["title"] and "Setting: data dataset/images;" in summary["caption"]
+    assert str(tmp_path) not in curves["title"] + summary["caption"]
