@@ -6,7 +6,6 @@ Everything that depends on the hardware is decided here, from what the hardware 
 """
 import gc
 import hashlib
-import inspect
 import os
 import random
 import sys
@@ -23,7 +22,6 @@ from errors import fail
 # A collective that waits longer than this ends the run; the first decode of a large folder by
 # rank 0, while the others wait for it, is the longest legitimate wait.
 DIST_TIMEOUT = timedelta(minutes=15)
-BINDS_DEVICE = "device_id" in inspect.signature(dist.init_process_group).parameters  # torch >= 2.3
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +95,7 @@ def init_distributed(device, world):
         return
     if device.type == "cuda":
         # device_id binds the group to this process's GPU (no guessing at the first collective)
-        dist.init_process_group("nccl", timeout=DIST_TIMEOUT, **({"device_id": device} if BINDS_DEVICE else {}))
+        dist.init_process_group("nccl", timeout=DIST_TIMEOUT, device_id=device)
     else:
         dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
 

@@ -35,6 +35,7 @@ import re
 import sys
 from pathlib import Path
 
+import identity
 from experiments import GRID_KEYS  # the options a grid may vary, in the order that breaks ties between axes
 from nets import ARCHS
 from records import atomic_write
@@ -78,7 +79,9 @@ def read_run(run_dir, runs_dir):
     missing += [f"metrics.{k}" for k in ("test_top1",) if k not in m]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-    return {"arch": c["arch"], "scratch": c["weights"] == "none", "batch": c["batch_size"],
+    # the global batch: a run of N processes stepped on N batches of --batch-size
+    return {"arch": c["arch"], "scratch": c["weights"] == "none",
+            "batch": identity.batch_label(c["batch_size"], m.get("processes")),
             "epochs": m.get("epochs", c["epochs"]), "lr": c["lr"], "weight_decay": c["weight_decay"],
             "unfreeze": str(c["unfreeze"]), "test_top1": m["test_top1"], "val_top1": m.get("best_val_top1"),
             "test_top5": m.get("test_top5"), "mean_class": m.get("test_mean_class_acc"),
@@ -103,7 +106,8 @@ def gather(runs_dir, warn=None):
 # fraction are ranked against each other.
 # --------------------------------------------------------------------------------------------
 def setting_of(c):
-    """-> (data folder, carve, image size or None for the network's own, limit or None, validation fraction).
+    """-> (data folder, carve, image size or None for the network's own, limit or None, validation
+    fraction, split fingerprint or None for a run from before runs recorded it).
 
     The carve: runs with split_seed share their validation images whatever their --seed; older
     runs carved validation with --seed itself, so their seed is part of their setting. A relative
@@ -113,7 +117,9 @@ def setting_of(c):
     size = c.get("img_size")
     if size is None or size == OWN_IMG_SIZE.get(c.get("arch")):
         size = None
-    return (data, carve, size, c.get("limit_per_class") or None, float(c.get("val_fraction", 0.1)))
+    split = ((c.get("identity") or {}).get("data") or {}).get("split")  # another split: another table
+    return (data, carve, size, c.get("limit_per_class") or None, float(c.get("val_fraction", 0.1)),
+            split[:12] if split else None)
 
 
 def typed_data(rows, setting):
@@ -125,19 +131,20 @@ def typed_data(rows, setting):
 
 def describe_setting(s, rows=()):
     """The setting in words; rows: its runs, whose --data spelling is shown."""
-    data, (how, seed), size, limit, val = s
+    data, (how, seed), size, limit, val, split = s
     data = typed_data(rows, s)
     carve = (f"carved by split seed {seed}" if how == "split_seed"
              else f"carved by --seed {seed} (a run from before --split-seed)")
-    return (f"data `{data}`; " + ("every image" if limit is None else f"at most {limit} images per class of each split")
+    return (f"data `{data}`" + (f" (split {split})" if split else "") + "; " + ("every image" if limit is None else f"at most {limit} images per class of each split")
             + "; " + ("each network at its own image size" if size is None else f"{size} px")
             + f"; validation {100 * val:g}% of each train/ class, {carve}")
 
 
 def setting_slug(s):
-    data, (how, seed), size, limit, val = s
+    data, (how, seed), size, limit, val, split = s
     parts = [Path(data).name or "data", f"{'split' if how == 'split_seed' else 'seed'}{seed}",
              "own-size" if size is None else f"{size}px", "all" if limit is None else f"lim{limit}", f"val{val:g}"]
+    parts += [split[:8]] if split else []
     return re.sub(r"[^A-Za-z0-9.+=-]", "_", "-".join(parts))
 
 

@@ -160,3 +160,22 @@ def test_a_second_grid_command_on_a_grid_in_use_stops_naming_the_holder(source, 
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
     assert sum(line.startswith("test top-1") for line in out.splitlines()) == 2  # each trial once, by the first
+
+
+def test_report_keeps_runs_of_two_splits_in_two_tables(tmp_path):
+    import report
+
+    for name, split in (("a", "1" * 64), ("b", "2" * 64)):
+        run_dir = tmp_path / "main_ResNet-18" / name
+        run_dir.mkdir(parents=True)
+        c = dict(arch="resnet18", weights="imagenet", batch_size=32, epochs=2, lr=1e-3, weight_decay=1e-5,
+                 unfreeze="layer4", data="dataset/images", split_seed=0, img_size=224, val_fraction=0.1,
+                 identity={"data": {"split": split}, "compute": {"processes": 2}})
+        (run_dir / "config.json").write_text(json.dumps(c))
+        (run_dir / "metrics.json").write_text(json.dumps({"test_top1": 90.0, "best_val_top1": 91.0, "processes": 2}))
+    rows = report.gather(tmp_path)
+    main, groups = report.group_settings(rows)
+    assert len(groups) == 2 and {s[-1] for s, _ in groups} == {"1" * 12, "2" * 12}
+    assert {r["batch"] for r in rows} == {"64 (32 x 2)"}  # the global batch, and per process
+    assert "(split 111111111111)" in report.describe_setting(groups[0][0] if groups[0][0][-1] == "1" * 12
+                                                             else groups[1][0])

@@ -126,7 +126,7 @@ def test_light_augment_statistics_through_loader(coord_samples, path):
     """Public API, augment=light: flip rate ~0.5, area in [0.08, 1], aspect in [3/4, 4/3]."""
     pre = P.Preprocess(crop=40, resize=48, **IMAGENET)
     loader = P.build_loader(coord_samples, train=True, preprocess=pre, augment="light",
-                            seed_seed_recipe="resnet18", batch_size=6, workers=0, device=CPU, seed=1,
+                            seed_recipe="resnet18", batch_size=6, workers=0, device=CPU, seed=1,
                             cache_dir=None, progress=False, on_device=PATHS[path])
     sizes = {y: s for y, s in enumerate(cached(coord_samples, pre)[1])}
     fits = []
@@ -160,7 +160,7 @@ def test_grayscale_rate_and_normalisation(real_split, path):
     samples = colour_samples(real_split)
     pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
     loader = P.build_loader(samples, train=True, preprocess=pre, augment="seed",
-                            seed_seed_recipe="resnet18", batch_size=64, workers=0, device=CPU, seed=0,
+                            seed_recipe="resnet18", batch_size=64, workers=0, device=CPU, seed=0,
                             cache_dir=None, progress=False, on_device=PATHS[path])
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
     gray, n = 0, 0
@@ -313,7 +313,7 @@ def test_eval_matches_torchvision(real_split, path, interpolation):
     ref_tf = T.Compose([T.Resize(64, interpolation=mode), T.CenterCrop(56), T.ToTensor(),
                         T.Normalize(**IMAGENET)])
     loader = P.build_loader(samples, train=False, preprocess=pre, augment="seed",
-                            seed_seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
+                            seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
                             cache_dir=None, progress=False, on_device=PATHS[path])
     got = torch.cat([x for x, _ in loader])
     ys = torch.cat([y for _, y in loader])
@@ -331,7 +331,7 @@ def test_squash_eval_is_the_whole_image_resized(real_split, path, tmp_path):
     got = {}
     for mode in ("center", "squash"):
         pre = P.Preprocess(crop=56, resize=64, crop_mode=mode, **IMAGENET)
-        loader = P.build_loader(samples, train=False, preprocess=pre, augment="none", seed_seed_recipe="resnet18",
+        loader = P.build_loader(samples, train=False, preprocess=pre, augment="none", seed_recipe="resnet18",
                                 batch_size=50, workers=0, device=CPU, seed=0, cache_dir=str(tmp_path),
                                 progress=False, on_device=PATHS[path])
         got[mode] = torch.cat([x for x, _ in loader])
@@ -341,7 +341,7 @@ def test_squash_eval_is_the_whole_image_resized(real_split, path, tmp_path):
     assert (got["center"] - ref).abs().amax(dim=(1, 2, 3)).min() > 0.5   # every image framed differently
     train = P.build_loader(samples, train=True, preprocess=P.Preprocess(crop=56, resize=64, crop_mode="squash",
                                                                         **IMAGENET),
-                           augment="none", seed_seed_recipe="resnet18", batch_size=10, workers=0, device=CPU, seed=0,
+                           augment="none", seed_recipe="resnet18", batch_size=10, workers=0, device=CPU, seed=0,
                            cache_dir=str(tmp_path), progress=False, on_device=PATHS[path])
     for x, y in train:   # --augment none trains on the same framing
         assert (x - ref[y]).abs().max() <= 1e-4
@@ -349,7 +349,7 @@ def test_squash_eval_is_the_whole_image_resized(real_split, path, tmp_path):
     with pytest.raises(ValueError, match="unknown crop_mode 'border'; choose from center, squash"):
         P.build_loader(samples, train=False, preprocess=P.Preprocess(crop=56, resize=64, crop_mode="border",
                                                                      **IMAGENET),
-                       augment="none", seed_seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
+                       augment="none", seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
                        cache_dir=None, progress=False)
 
 
@@ -359,7 +359,7 @@ def test_augment_none_is_eval_preprocessing_shuffled(real_split):
     pre = P.Preprocess(crop=56, resize=64, **IMAGENET)
     ref_tf = T.Compose([T.Resize(64), T.CenterCrop(56), T.ToTensor(), T.Normalize(**IMAGENET)])
     loader = P.build_loader(samples, train=True, preprocess=pre, augment="none",
-                            seed_seed_recipe="resnet18", batch_size=16, workers=0, device=CPU, seed=0,
+                            seed_recipe="resnet18", batch_size=16, workers=0, device=CPU, seed=0,
                             cache_dir=None, progress=False)
     ys = []
     for x, y in loader:
@@ -410,7 +410,7 @@ def test_grayscale_and_palette_files_become_rgb(tmp_path):
         "P", palette=Image.ADAPTIVE).save(pal)
     pre = P.Preprocess(crop=16, resize=20, mean=(0, 0, 0), std=(1, 1, 1))
     loader = P.build_loader([(str(gray), 0), (str(pal), 1)], train=False, preprocess=pre,
-                            augment="seed", seed_seed_recipe="resnet18", batch_size=2, workers=0,
+                            augment="seed", seed_recipe="resnet18", batch_size=2, workers=0,
                             device=CPU, seed=0, cache_dir=None, progress=False)
     x, _ = next(iter(loader))
     assert torch.allclose(x[0], torch.full((3, 16, 16), 100 / 255))
@@ -449,7 +449,7 @@ def test_train_shards_are_disjoint_equal_and_share_one_permutation(coord_samples
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
     world = 3
     loaders = [P.build_loader(samples, train=True, preprocess=pre, augment="light",
-                              seed_seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=2,
+                              seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=2,
                               cache_dir=None, rank=r, world_size=world, progress=False)
                for r in range(world)]
     shards = {}
@@ -470,7 +470,7 @@ def test_last_batch_of_one_is_dropped_in_training(coord_samples):
     samples = [(p, i) for i, (p, _) in enumerate(coord_samples + coord_samples[:3])]   # 9
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
     loader = P.build_loader(samples, train=True, preprocess=pre, augment="light",
-                            seed_seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
+                            seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
                             cache_dir=None, progress=False)
     sizes = [len(y) for _, y in loader]
     assert sizes == [4, 4] and loader.num_samples == 8 and len(loader) == 2
@@ -482,7 +482,7 @@ def test_eval_shards_cover_every_sample_once(coord_samples):
     seen = []
     for r in range(3):
         loader = P.build_loader(samples, train=False, preprocess=pre, augment="seed",
-                                seed_seed_recipe="resnet18", batch_size=2, workers=0, device=CPU,
+                                seed_recipe="resnet18", batch_size=2, workers=0, device=CPU,
                                 seed=0, cache_dir=None, rank=r, world_size=3, progress=False)
         ys = [int(v) for _, y in loader for v in y]
         assert len(ys) == loader.num_samples
@@ -538,7 +538,7 @@ def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, 
 
 def test_resident_needs_the_on_device_path(coord_samples):
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
-    kw = dict(train=True, preprocess=pre, augment="light", seed_seed_recipe="resnet18", batch_size=4, workers=0,
+    kw = dict(train=True, preprocess=pre, augment="light", seed_recipe="resnet18", batch_size=4, workers=0,
               device=CPU, seed=0, cache_dir=None, progress=False, resident=True)
     for on_device in (False, None):                # None: the on-device path on CUDA only
         with pytest.raises(ValueError, match=r"resident=True \(.*\) needs the on-device path: pass on_device=True"):
@@ -566,7 +566,7 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, capsys):
 
     def make():
         return P.build_loader(samples, train=False, preprocess=pre, augment="seed",
-                              seed_seed_recipe="resnet18", batch_size=3, workers=0, device=CPU, seed=0,
+                              seed_recipe="resnet18", batch_size=3, workers=0, device=CPU, seed=0,
                               cache_dir=str(cache), progress=True)
     first = make()
     assert "cache built in" in capsys.readouterr().out and first.cache_build_s is not None
@@ -595,7 +595,7 @@ def test_truncated_jpeg_raises_or_is_skipped(real_split, tmp_path, train):
     bad.write_bytes(data[: len(data) // 2])
     samples = [(str(f), i) for i, f in enumerate(files)] + [(str(bad), 6)]
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
-    kwargs = dict(train=train, preprocess=pre, augment="seed", seed_seed_recipe="resnet18", batch_size=4,
+    kwargs = dict(train=train, preprocess=pre, augment="seed", seed_recipe="resnet18", batch_size=4,
                   workers=0, device=CPU, seed=0, cache_dir=str(tmp_path / "cache"),
                   progress=False)
     with pytest.raises(P.BadImagesError) as err:
@@ -612,7 +612,7 @@ def test_unknown_choices_list_the_allowed_values(coord_samples):
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
     with pytest.raises(ValueError, match="seed, light, flip, none"):
         P.build_loader(coord_samples, train=True, preprocess=pre, augment="heavy",
-                       seed_seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
+                       seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
                        cache_dir=None, progress=False)
     with pytest.raises(ValueError, match="resnet18, resnet50"):
         P.build_loader(coord_samples, train=True, preprocess=pre, augment="seed",
