@@ -605,7 +605,7 @@ def options_changed(config, defaults):
     defaults resolved as a config); '' without defaults."""
     if not defaults:
         return ""
-    skip = set(RESOLVED) | {"script", "name", "resume"}  # the run folder line shows them
+    skip = set(RESOLVED) | {"script", "name", "resume", "explicit", "scratch_filled"}  # shown above, or bookkeeping
     return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in config.items()
                     if k not in skip and k in defaults and v != defaults[k] and v is not False)
 

@@ -117,12 +117,13 @@ class FolderLock:
     NAME = ".lock"
 
     def __init__(self, folder):
-        self.folder, self.fd = Path(folder), None
+        self.folder, self.fd, self.made = Path(folder), None, []
 
     def acquire(self):
         """Take the lock at once or raise FolderBusy; creates the folder. -> self."""
         if fcntl is None or self.fd is not None:
             return self
+        self.made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]  # deepest first
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -141,9 +142,19 @@ class FolderLock:
         return self
 
     def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the lock
-            self.fd = None
+        """Drop the lock; a folder this lock made, where nothing else was written (a run refused or
+        failed before its first file), goes again with the folders made for it: bad input leaves nothing."""
+        if self.fd is None:
+            return
+        if self.made and [p.name for p in self.folder.iterdir()] == [self.NAME]:
+            (self.folder / self.NAME).unlink()
+            for p in self.made:
+                try:
+                    p.rmdir()
+                except OSError:  # another run wrote there meanwhile
+                    break
+        os.close(self.fd)  # closing the descriptor drops the lock
+        self.fd = None
 
     def __enter__(self):
         return self.acquire()

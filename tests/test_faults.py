@@ -85,10 +85,11 @@ def test_sigkill_mid_run_then_resume_auto_ends_like_an_uninterrupted_run(data, t
     assert full.returncode == 0, full.stderr[-2000:]
     proc = subprocess.Popen(cmd(*args, "--out", tmp_path / "cut"), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    run_dir = tmp_path / "cut" / "main_ResNet-18" / "none-all-b8-lr0.0003-wd1e-05-e3-32px"
     deadline = time.time() + 240
-    while not (run_dir / "last.pth").exists() and time.time() < deadline and proc.poll() is None:
+    while not list((tmp_path / "cut").glob("main_ResNet-18/*/last.pth")) and time.time() < deadline \
+            and proc.poll() is None:
         time.sleep(0.05)
+    run_dir = next((tmp_path / "cut").glob("main_ResNet-18/*/last.pth")).parent
     proc.send_signal(signal.SIGKILL)  # during epoch 2: epoch 1 is saved, the rest is lost
     proc.wait()
     assert (run_dir / "last.pth").exists() and not (run_dir / "metrics.json").exists()

@@ -50,7 +50,7 @@ def smoke_run(real_split, tmp_path_factory):
 
 def test_a_run_leaves_every_output(smoke_run):
     run_dir, r = smoke_run
-    assert run_dir.name == "none-all-b64-lr0.0003-wd1e-05-e2-64px-lim8"
+    assert run_dir.name == "none-all-b64-lr0.001-wd1e-05-e2-64px-lim8"  # the tuned scratch recipe's lr
     config = json.loads((run_dir / "config.json").read_text())
     assert config["epochs"] == 2 and config["unfreeze"] == "all" and config["arch"] == "resnet18"
     metrics = json.loads((run_dir / "metrics.json").read_text())
