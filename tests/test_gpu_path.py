@@ -198,10 +198,10 @@ def test_a_grid_trial_out_of_memory_is_recorded_and_the_grid_goes_on(data, tmp_p
 
     c = config(data, tmp_path, epochs=1, grid_spec="batch_size=16,8")
     ranked = experiments.run(c, {}, set(), fit)
-    by = {r["batch_size"]: r for r in ranked}
-    assert by[16]["status"] == "failed"
-    assert by[16]["error"] == "out of GPU memory in the training stage with --batch-size 16; try --batch-size 8"
-    assert by[8]["status"] == "done"
+    by = {r["batch_size"]: r for r in ranked}  # the global batch, as the table shows it
+    assert by["16"]["status"] == "failed"
+    assert by["16"]["error"] == "out of GPU memory in the training stage with --batch-size 16; try --batch-size 8"
+    assert by["8"]["status"] == "done"
 
 
 def test_checkpoints_carry_the_cuda_rng_state_and_a_resume_restores_it(monkeypatch):
