@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -389,7 +390,8 @@ def test_report_on_real_short_runs(tmp_path, caltech_archive, capsys):
     assert printed.startswith(text)
     assert "No run on the full data yet" in text and "## Reduced settings (--limit-per-class)" in text
     (folder,) = [p for p in (out / "figures").iterdir() if p.is_dir()]  # the reduced setting's own folder
-    assert folder.name.startswith("data-") and folder.name.endswith("-32px-lim5-val0.1")
+    # ... named by the setting, the split's fingerprint last
+    assert re.fullmatch(r"data-split0-32px-lim5-val0\.1-[0-9a-f]{8}", folder.name), folder.name
     names = {p.name for p in folder.iterdir()}
     assert {"curves-efficientnet_lite0.png", "curves-efficientnet_lite0.svg", "summary.png"} <= names
     runs = sorted(p for p in (out / "main_EfficientNet_Lite0").iterdir())
