@@ -95,9 +95,31 @@ def init_distributed(device, world):
         return
     if device.type == "cuda":
         # device_id binds the group to this process's GPU (no guessing at the first collective)
-        dist.init_process_group("nccl", timeout=DIST_TIMEOUT, device_id=device)
+        init_group("nccl", device_id=device)
     else:
-        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+        init_group("gloo")
+
+
+def start_store():
+    """This start's own view of the store torchrun's agent shares with its workers, or None where
+    the agent shares none. That store outlives a restart (--max-restarts), and a key left by the
+    killed start (a peer's old address) would be read as this start's: keys go under a prefix
+    counted per rank, which every rank reaches once per start, on every node alike."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=DIST_TIMEOUT)
+    start = store.add(f"starts/rank{os.environ['RANK']}", 1)
+    return dist.PrefixStore(f"start{start}", store)
+
+
+def init_group(backend, **kwargs):
+    store = start_store()
+    if store is None:
+        dist.init_process_group(backend, timeout=DIST_TIMEOUT, **kwargs)
+    else:
+        dist.init_process_group(backend, timeout=DIST_TIMEOUT, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), **kwargs)
 
 
 def cpu_share():
@@ -117,7 +139,7 @@ def start_trials_group():
     waits on a GPU stream; this process computes on cuda:(LOCAL_RANK mod the GPU count), so several
     processes can share one large GPU, and uses its share of the CPU cores. -> its thread count."""
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+        init_group("gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     torch.set_num_threads(cpu_share())
@@ -126,7 +148,7 @@ def start_trials_group():
 
 def group_store():
     """The key-value store torchrun's group already has (no new server): grid trials are handed
-    out through its atomic add."""
+    out through its atomic add. Its keys are this start's own (start_store)."""
     return dist.distributed_c10d._get_default_store()
 
 

@@ -300,8 +300,7 @@ def make_pool(config, group, root):
                   f"{threads} thread(s) each", flush=True)
     else:
         devices.init_distributed(devices.pick_device(config["device"], local_rank, world), world)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return Pool(mode, rank, world, f"grid/{root.resolve()}/attempt{attempt}", group)
+    return Pool(mode, rank, world, f"grid/{root.resolve()}", group)
 
 
 def lock_folder(pool, root):
