@@ -14,9 +14,10 @@ cached uint8 images, by PIL per image (the loader workers) or by batched tensor 
 Sources are rows of the train cache that pipeline.py builds (a canvas of resize x long_side,
 portrait images stored transposed); this module imports nothing from pipeline.
 
-Batch augmentation (on normalised batches in the training loop, either path, any device): random
-erasing per image (erase_params / erase_batch, torchvision's RandomErasing), and torchvision's
-MixUp / CutMix on the batch and its labels (batch_augment).
+Batch augmentation (on normalised batches in the training loop, either path, any device):
+torchvision's TrivialAugmentWide or RandAugment per image, normalisation undone and redone around it
+(auto_augment_batch), random erasing per image (erase_params / erase_batch, torchvision's
+RandomErasing), and torchvision's MixUp / CutMix on the batch and its labels (batch_augment).
 
 Sections: recipes · random parameters · CPU rendering · tensor rendering · batch augmentation.
 """
@@ -440,20 +441,52 @@ def erase_batch(x: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> tor
     return x.masked_fill(inside[:, None], value)
 
 
-def batch_augment(erasing: float, mixup: float, cutmix: float, num_classes: int):
-    """The training loop's batch step for --erasing p, --mixup alpha, --cutmix alpha (0 = off) ->
-    callable (x, y) -> (x, target), or None when all are off. target: y, or class probabilities
-    [B, num_classes] under MixUp/CutMix (torchvision.transforms.v2; with both, one of the two per
-    batch, as torchvision's reference scripts). Draws from torch's global generator (--seed)."""
+AUTO_AUGMENTS = ("none", "trivial", "rand")   # --auto-augment
+
+
+def auto_augment_op(name: str):
+    """--auto-augment's library transform at its default magnitudes (torchvision.transforms.v2):
+    trivial: TrivialAugmentWide (one op, random magnitude); rand: RandAugment (2 ops, magnitude 9)."""
     from torchvision.transforms import v2
 
+    return {"trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}[name]()
+
+
+def auto_augment_batch(x: torch.Tensor, op, mean, std) -> torch.Tensor:
+    """op (a transform of one [3,H,W] image in [0, 1]) on each image of the normalised [B,3,H,W] x:
+    normalisation undone, one call per image (each draws its own op and magnitude from torch's
+    global generator, in batch order), normalisation redone. -> a new tensor in x's memory format."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    u = (x * s + m).clamp_(0, 1)   # [0, 1] as the library expects; undoes only float rounding
+    out = torch.empty_like(x)
+    for k in range(len(x)):
+        out[k] = op(u[k])
+    return out.sub_(m).div_(s)
+
+
+def batch_augment(erasing: float, mixup: float, cutmix: float, num_classes: int, auto_augment: str = "none",
+                  mean=None, std=None):
+    """The training loop's batch step for --auto-augment, --erasing p, --mixup alpha, --cutmix alpha
+    (0/none = off), in that order (torchvision's reference scripts: the image ops, then erasing, then
+    the batch's mix) -> callable (x, y) -> (x, target), or None when all are off. target: y, or class
+    probabilities [B, num_classes] under MixUp/CutMix (torchvision.transforms.v2; with both, one of the
+    two per batch). mean, std: the batches' normalisation (needed by --auto-augment). Draws from
+    torch's global generator (--seed)."""
+    from torchvision.transforms import v2
+
+    if auto_augment not in AUTO_AUGMENTS:
+        raise ValueError(f"unknown auto augment {auto_augment!r}; choose from {', '.join(AUTO_AUGMENTS)}")
+    op = auto_augment_op(auto_augment) if auto_augment != "none" else None
     mixes = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
             ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
     mix = None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
-    if not (erasing or mix):
+    if not (op or erasing or mix):
         return None
 
     def step(x, y):
+        if op is not None:
+            x = auto_augment_batch(x, op, mean, std)
         if erasing:
             x = erase_batch(x, erase_params(len(x), x.shape[2], x.shape[3], erasing, device=x.device))
         if mix is not None:

@@ -26,7 +26,7 @@ import nets
 import pipeline
 import records
 from errors import fail, oom_message
-from options import RESOLVED, given_options
+from options import RESOLVED, given_options, image_options
 from records import CheckpointError
 # What a script, a notebook or a test reaches through common, the one module they import: the
 # data set, the networks and freezing, the options and the device helpers (owned by the modules named).
@@ -96,7 +96,7 @@ def top5_correct(logits, y):
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtype, *, epoch, scaler=None,
                     clip=1.0, progress=True, bn_stats="train", batch_augment=None):
     """One pass over the loader (images, or cached outputs of a frozen part).
-    batch_augment: (x, y) -> (x, target) on each batch (augment.batch_augment: erasing, MixUp/CutMix,
+    batch_augment: (x, y) -> (x, target) on each batch (augment.batch_augment: auto-augment, erasing, MixUp/CutMix,
     whose targets are class probabilities; top-1 then counts the dominant class).
     -> {loss, top1, images, seconds}, summed over processes."""
     from tqdm import tqdm
@@ -164,10 +164,11 @@ def check_finite(losses, epoch, first_step):
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, device, dtype, num_classes, mistakes=0):
+def evaluate(model, loader, criterion, device, dtype, num_classes, mistakes=0, tta="none"):
     """-> {loss, top1, top5, mean_class_acc, per_class, confusion, mistakes} over every sample of
     every process. mistakes: how many of the most confident wrong predictions to keep, as
-    (sample index, true class, predicted class, probability), most confident first."""
+    (sample index, true class, predicted class, probability), most confident first.
+    tta: --tta, for batches of images (nets.evaluation_logits); none on cached features."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, device=device, dtype=torch.long)
@@ -177,7 +178,7 @@ def evaluate(model, loader, criterion, device, dtype, num_classes, mistakes=0):
         if x.ndim == 4:
             x = x.to(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            logits = model(x).float()
+            logits = nets.evaluation_logits(model, x, tta)
         loss_sum += criterion(logits, y).double() * y.shape[0]
         if top5 is not None:
             top5 += top5_correct(logits, y)
@@ -275,7 +276,7 @@ class Run:
     defaults: dict | None  # the script's default config: the header names what differs
     stage: Stage = field(default_factory=Stage)  # fit()'s, for the out-of-memory line
     ema: object = None  # AveragedModel of model (--ema), what validation and best.pth use; set by make_optimizer
-    batch_augment: object = None  # augment.batch_augment's callable (--erasing, --mixup, --cutmix) or None
+    batch_augment: object = None  # augment.batch_augment's callable (--auto-augment, --erasing, --mixup, --cutmix)
 
 
 @dataclass
@@ -407,10 +408,11 @@ def release_images(loaders, budget):
 
 
 def frozen_wanted(run):
-    """--unfreeze head, or --cache-frozen auto under --augment none; not under torchrun (each process
-    would hold every split's outputs)."""
+    """--unfreeze head, or --cache-frozen auto under --augment none (and no option that acts on images);
+    not under torchrun (each process would hold every split's outputs)."""
     c = run.config
-    return run.world == 1 and (head_only(c, run.world) or (c["cache_frozen"] == "auto" and c["augment"] == "none"))
+    return run.world == 1 and (head_only(c, run.world) or (c["cache_frozen"] == "auto" and c["augment"] == "none"
+                                                           and not image_options(c)))
 
 
 def frozen_inputs(run, loaders, sources, budget):
@@ -519,8 +521,10 @@ def make_optimizer(run, steps_per_epoch):
     if c.get("zero_init_residual") == "on" and c["weights"] == "none" and not ck:
         nets.zero_init_residual(run.model)
     run.ema = averaged_model(run, optimizer)
+    pre = make_preprocess(c["arch"], c["img_size"], c["crop_mode"])  # the batches' normalisation
     run.batch_augment = augment.batch_augment(c.get("erasing") or 0.0, c.get("mixup") or 0.0,
-                                              c.get("cutmix") or 0.0, len(run.classes))
+                                              c.get("cutmix") or 0.0, len(run.classes),
+                                              c.get("auto_augment") or "none", pre.mean, pre.std)
     if ck:
         if run.ema is not None and ck.get("online_model") is not None:  # "model" holds the averaged weights
             run.ema.module.load_state_dict(ck["model"])
@@ -630,7 +634,7 @@ def train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch):
         progress.images_trained += tm["images"]
         run.stage.name = "evaluation"
         vm = evaluate(run.ema.module if run.ema else net, batches["val"], criterion, run.device, dtype,
-                      len(run.classes)) if batches["val"] is not None else None
+                      len(run.classes), tta=c.get("tta") or "none") if batches["val"] is not None else None
         improved = vm is None or improves(vm, progress.best)
         if improved:
             progress.best = best_record(vm, epoch)
@@ -653,7 +657,7 @@ def test_pass(run, net, batches, loaders, progress, dtype, writer):
     run.model.load_state_dict(best["model"])
     criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])
     test_m = evaluate(net, batches["test"], criterion, run.device, dtype, len(run.classes),
-                      mistakes=records.MISTAKES_SHOWN)
+                      mistakes=records.MISTAKES_SHOWN, tta=c.get("tta") or "none")
     metrics = final_metrics(test_m, progress, c, run.world)
     if writer is not None:
         images = [evaluated_image(loaders["test"], i) for i, *_ in test_m["mistakes"]]

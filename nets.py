@@ -3,6 +3,7 @@
 Every difference between the architectures lives in ARCHS. Freezing means frozen: no gradient,
 no optimizer state, and BatchNorm statistics that do not move.
 """
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,23 @@ def preprocess_dict(pre):
     """What a checkpoint keeps of the evaluation preprocessing (predict.py rebuilds it)."""
     return {"crop": pre.crop, "resize": pre.resize, "mean": list(pre.mean), "std": list(pre.std),
             "interpolation": pre.interpolation, "crop_mode": pre.crop_mode}
+
+
+TTAS = ("none", "flip")   # --tta
+
+
+def evaluation_logits(model, x, tta="none"):
+    """The one forward of evaluation (validation, the test, predict.py) on a batch of images, as float
+    logits. --tta flip: the log of the softmax probabilities averaged over each image and its left-right
+    mirror; log probabilities are logits whose softmax is that average, so the loss, top-k and
+    confidences read them as they read plain logits."""
+    if tta not in TTAS:
+        raise ValueError(f"unknown tta {tta!r}; choose from {', '.join(TTAS)}")
+    logits = model(x).float()
+    if tta == "none":
+        return logits
+    mirrored = model(x.flip(-1)).float()
+    return torch.logaddexp(logits.log_softmax(1), mirrored.log_softmax(1)) - math.log(2)
 
 
 def get_head(model, arch_name):

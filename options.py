@@ -9,20 +9,21 @@ from pathlib import Path
 import augment
 import pipeline
 from errors import fail
-from nets import ARCHS, parse_unfreeze, weights_preprocess
+from nets import ARCHS, TTAS, parse_unfreeze, weights_preprocess
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The options a scratch recipe sets (default None), and their values for pretrained weights (today's).
 # optimizer stays None on the pretrained side (adamw when the run starts).
 RECIPE_OPTIONS = {"optimizer": "adamw", "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0,
-                  "ema": 0.0}
+                  "ema": 0.0, "auto_augment": "none", "tta": "none"}
 # --scratch-recipe: what a network trained from random weights gets (docs/RESULTS.md#scratch).
 # original: the original scripts' recipe, the script's own --lr/--weight-decay/--augment with AdamW.
 # tuned: the same at lr 1e-3, the best on validation of SGD, zero-init, lr 3e-3 and the weights' average.
 SCRATCH_RECIPES = {
-    "original": dict(optimizer="adamw", zero_init_residual="off", mixup=0.0, cutmix=0.0, erasing=0.0, ema=0.0),
+    "original": dict(optimizer="adamw", zero_init_residual="off", mixup=0.0, cutmix=0.0, erasing=0.0, ema=0.0,
+                     auto_augment="none", tta="none"),
     "tuned": dict(optimizer="adamw", lr=1e-3, augment="seed", zero_init_residual="off", mixup=0.0, cutmix=0.0,
-                  erasing=0.0, ema=0.0),
+                  erasing=0.0, ema=0.0, auto_augment="none", tta="none"),
 }
 # Options that cannot change a run's results: a resumed or reused run may differ in these.
 EXEMPT = ("resume", "workers", "device", "cache_dir", "gpu_cache", "compile", "deterministic", "out", "name",
@@ -33,7 +34,8 @@ RESOLVED = ("precision", "identity")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
 # Runs older than --scratch-recipe trained without its options (optimizer None: AdamW, as pretrained runs now).
 LEGACY = {"crop_mode": "center", "split_seed": None, "scratch_recipe": "tuned", "optimizer": None,
-          "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0}
+          "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0, "auto_augment": "none",
+          "tta": "none"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -143,6 +145,14 @@ def get_args_parser(defaults):
     a("--erasing", type=float, default=None,
       help="random erasing probability per training image (a box set to the mean colour: 0 after "
            "normalisation) (default: 0; with --weights none, the --scratch-recipe's)")
+    a("--auto-augment", default=None, choices=augment.AUTO_AUGMENTS,
+      help="trivial: torchvision's TrivialAugmentWide (one op of random magnitude per training image), rand: "
+           "RandAugment (two ops, magnitude 9), both on top of --augment; none = off (default: none; with "
+           "--weights none, the --scratch-recipe's)")
+    a("--tta", default=None, choices=TTAS,
+      help="test-time augmentation of validation, the test and predict.py: flip averages the softmax "
+           "probabilities of each image and its left-right mirror (default: none; with --weights none, the "
+           "--scratch-recipe's)")
     a("--ema", type=float, default=None,
       help="decay per step of an exponential moving average of the weights, which validation, best.pth, the "
            "test and predict.py use (0 = off) (default: 0; with --weights none, the --scratch-recipe's)")
@@ -244,6 +254,9 @@ def check_config(c):
          f"--mixup and --cutmix must be >= 0 (got {c.get('mixup')}, {c.get('cutmix')})"),
         (0 <= (c.get("erasing") or 0) <= 1, f"--erasing must be within [0, 1] (got {c.get('erasing')})"),
         (0 <= (c.get("ema") or 0) < 1, f"--ema must be within [0, 1) (got {c.get('ema')})"),
+        (c["unfreeze"] != "head" or not image_options(c),
+         f"{' and '.join(image_options(c))} act on images: not with --unfreeze head, which trains and evaluates "
+         f"on cached features (--unfreeze last:0 trains the same parameters on images)"),
         (c["weights"] in ("imagenet", "none") or Path(c["weights"]).is_file(),
          f"--weights {c['weights']}: not imagenet, none, or an existing file"),
     ]
@@ -251,6 +264,11 @@ def check_config(c):
         if not ok:
             fail(msg)
     parse_unfreeze(c["unfreeze"], c["arch"])  # fails early on an unknown module name
+
+
+def image_options(c):
+    """['--tta flip', ...]: the options given that act on images, which a frozen part's cached outputs are not."""
+    return [f"--{k.replace('_', '-')} {c[k]}" for k in ("auto_augment", "tta") if (c.get(k) or "none") != "none"]
 
 
 def default_run_name(c):

@@ -6,9 +6,9 @@
 
 The checkpoint carries everything needed: the architecture, the class names (index order)
 and the evaluation preprocessing it was trained with (resize and centre crop, or squash;
-mean/std). A folder is walked recursively, in sorted order, image extensions only; an
-unreadable image is reported on stderr and skipped. Exit status 0 when at least one image
-was predicted.
+mean/std; a run made with --tta flip averages each image with its mirror, as its evaluation
+did). A folder is walked recursively, in sorted order, image extensions only; an unreadable
+image is reported on stderr and skipped. Exit status 0 when at least one image was predicted.
 """
 import argparse
 import json
@@ -39,7 +39,8 @@ class PredictError(ValueError):
 # Checkpoint -> network in eval mode, class names, preprocessing.
 # --------------------------------------------------------------------------------------------
 def load_model(path):
-    """best.pth / last.pth -> (model in eval mode on the CPU, class names, preprocess dict)."""
+    """best.pth / last.pth -> (model in eval mode on the CPU, class names, preprocess dict). The
+    preprocess dict also holds the run's --tta ("tta"; none for checkpoints without a config)."""
     try:
         ckpt = records.load_checkpoint(path, CHECKPOINT_KEYS)
     except records.CheckpointError as e:
@@ -48,6 +49,10 @@ def load_model(path):
     if arch not in nets.ARCHS:
         raise PredictError(f"checkpoint {path}: unknown architecture {arch!r}; valid: {', '.join(nets.ARCHS)}")
     preprocess = check_preprocess(ckpt["preprocess"], path)
+    tta = (ckpt.get("config") or {}).get("tta") or "none"  # runs made before --tta: none
+    if tta not in nets.TTAS:
+        raise PredictError(f"checkpoint {path}: unknown tta {tta!r}; valid: {', '.join(nets.TTAS)}")
+    preprocess["tta"] = tta
     model = nets.build_model(arch, len(classes), "none")
     try:
         model.load_state_dict(records.plain_state_dict(ckpt["model"]))
@@ -118,9 +123,10 @@ def find_images(inputs):
 # Prediction: batches of images -> top-k (class, probability), most probable first.
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def topk(model, batch, k):
-    """-> (probabilities, class indices), each (n, k), from the softmax over all classes."""
-    probs = torch.softmax(model(batch).float(), dim=1)
+def topk(model, batch, k, tta="none"):
+    """-> (probabilities, class indices), each (n, k), from the softmax over all classes (under
+    tta flip, averaged with the mirror's: nets.evaluation_logits, as the run's evaluation)."""
+    probs = torch.softmax(nets.evaluation_logits(model, batch, tta), dim=1)
     return probs.topk(min(k, probs.shape[1]), dim=1)
 
 
@@ -186,7 +192,7 @@ def predict_paths(model, classes, preprocess, paths, *, device, batch_size=32, k
         if not tensors:
             continue
         batch = torch.stack(tensors).to(device)
-        probs, idx = topk(model, batch, k)
+        probs, idx = topk(model, batch, k, preprocess.get("tta", "none"))
         cams = grad_cam(model, batch, idx[:, 0]) if explain else None
         for n, (path, p_row, i_row) in enumerate(zip(kept, probs.tolist(), idx.tolist())):
             result = {"image": path, "top5": [{"class": classes[i], "prob": p} for p, i in zip(p_row, i_row)]}

@@ -1,6 +1,7 @@
 """The random-init recipes (--scratch-recipe): the original one still builds today's optimiser,
-schedule and augmentation; the tuned one's parts (SGD, zero-init residual, erasing, MixUp/CutMix,
-the weights' moving average) do what they say, and the average is what best.pth and predict.py hold."""
+schedule and augmentation; the tuned one's parts (SGD, zero-init residual, TrivialAugment/RandAugment,
+erasing, MixUp/CutMix, the weights' moving average, flip test-time augmentation) do what they say, and
+the average is what best.pth and predict.py hold."""
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ def test_original_recipe_is_todays_scratch_config():
     assert (c["optimizer"], c["lr"], c["weight_decay"], c["augment"], c["label_smoothing"]) == \
         ("adamw", 3e-4, 1e-5, "seed", 0.1)
     assert (c["zero_init_residual"], c["mixup"], c["cutmix"], c["erasing"], c["ema"]) == ("off", 0.0, 0.0, 0.0, 0.0)
+    assert (c["auto_augment"], c["tta"]) == ("none", "none")
     assert (c["unfreeze"], c["backbone_lr_ratio"], c["bn_stats"], c["probe_epochs"]) == ("all", 1.0, "train", 0)
 
 
@@ -129,6 +131,42 @@ def test_mixup_cutmix_batch_step_gives_probabilities_and_top1_counts_the_dominan
     assert A.batch_augment(0.0, 0.0, 0.0, 7) is None
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("name, op", [("trivial", v2.TrivialAugmentWide), ("rand", v2.RandAugment)])
+def test_batched_auto_augment_is_torchvisions_op_per_image(name, op):
+    """--auto-augment on a normalised batch: torchvision's op called on each un-normalised image in turn
+    (each its own op and magnitude), from the same torch RNG state. Equal to float rounding, not bit for
+    bit: un-normalising gives the images back within ~1e-7. Pixels sit at (k + 0.5) / 256, away from
+    posterize's, solarize's and equalize's steps, so no rounding crosses one."""
+    m, s = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    u = (torch.randint(0, 256, (16, 3, 24, 32), generator=torch.Generator().manual_seed(0)) + 0.5) / 256
+    x = ((u - m) / s).contiguous(memory_format=torch.channels_last)
+    step = A.batch_augment(0.0, 0.0, 0.0, 7, name, IMAGENET_MEAN, IMAGENET_STD)
+    y = torch.arange(16)
+    torch.manual_seed(1)
+    out, target = step(x, y)
+    torch.manual_seed(1)
+    ref = op()
+    want = (torch.stack([ref(img) for img in u]) - m) / s
+    assert torch.allclose(out, want, rtol=0, atol=1e-5) and torch.equal(target, y)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    changed = (out - x).abs().flatten(1).amax(1) > 1e-3
+    assert changed.sum() >= 12
+    # one op for the whole batch (the library's call on a batch) is not what the batch step does
+    torch.manual_seed(1)
+    assert not torch.allclose(out, (ref(u) - m) / s, atol=1e-3)
+
+
+def test_auto_augment_and_tta_are_recorded_recipe_options():
+    pre, scratch = config([]), config(["--weights", "none"])
+    assert (pre["auto_augment"], pre["tta"], scratch["auto_augment"], scratch["tta"]) == ("none",) * 4
+    c = config(["--auto-augment", "trivial", "--tta", "flip"])
+    diff = options.describe_differences(options.differing_options(pre, c))
+    assert diff == "--auto-augment none there, trivial now; --tta none there, flip now"
+
+
 @pytest.fixture(scope="module")
 def tiny_split(tmp_path_factory):
     from conftest import extract_subset
@@ -141,8 +179,8 @@ def test_ema_checkpoint_holds_the_averaged_weights_and_predict_uses_them(tiny_sp
     """--ema: best.pth's "model" is the average (validation's and the test's weights), "online_model" the
     trained ones; predict.py loads the average; a resumed run continues both."""
     argv = ["--weights", "none", "--img-size", "32", "--workers", "0", "--epochs", "2", "--batch-size", "8",
-            "--ema", "0.9", "--erasing", "0.25", "--mixup", "0.2", "--cutmix", "1.0", "--data", str(tiny_split),
-            "--out", str(tmp_path)]
+            "--ema", "0.9", "--auto-augment", "trivial", "--erasing", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
+            "--data", str(tiny_split), "--out", str(tmp_path)]
     c = config(argv)
     common.fit(c, stop_after=1)
     run_dir = common.run_dir_of(c)
@@ -178,3 +216,63 @@ def test_configs_written_before_the_scratch_options_still_match():
             if k not in list(options.RECIPE_OPTIONS) + ["scratch_recipe", "explicit", "scratch_filled"]}
     diff = options.describe_differences(options.differing_options(then, config(["--weights", "none"])))
     assert "--lr 0.0003 there, 0.001 now" in diff
+
+
+def tiny_run(split, out, *extra):
+    """A real one-epoch run from random weights on the tiny split, 32 px, fp32 -> (config, metrics, run dir)."""
+    c = config(["--weights", "none", "--img-size", "32", "--workers", "0", "--epochs", "1", "--batch-size", "8",
+                "--precision", "fp32", "--data", str(split), "--out", str(out), *extra])
+    return c, common.fit(c), common.run_dir_of(c)
+
+
+def by_hand(c, run_dir, split, tta):
+    """best.pth's network on the split's images as the run's loader serves them: softmax probabilities
+    (averaged with the mirror's when tta), the cross-entropy with the run's label smoothing, the labels."""
+    model = predict.load_model(run_dir / "best.pth")[0]
+    loader = common.make_loader(common.prepare_data(c)[1][split], common.loader_options(c, torch.device("cpu")),
+                                train=False, augment="none", batch_size=8)
+    x, y = (torch.cat(t) for t in zip(*loader))
+    with torch.no_grad():
+        p = model(x).softmax(1)
+        if tta:
+            p = (p + model(x.flip(3)).softmax(1)) / 2
+    return p, torch.nn.functional.cross_entropy(p.log(), y, label_smoothing=c["label_smoothing"]).item(), y
+
+
+def test_tta_flip_averages_the_mirrors_probabilities_in_validation_the_test_and_predict(tiny_split, tmp_path):
+    c, m, run_dir = tiny_run(tiny_split, tmp_path, "--tta", "flip")
+    p, loss, y = by_hand(c, run_dir, "test", tta=True)
+    plain_loss = by_hand(c, run_dir, "test", tta=False)[1]
+    assert abs(loss - plain_loss) > 1e-3   # the mirror changes what is measured
+    confusion = torch.zeros(6, 6, dtype=torch.long).index_put_((y, p.argmax(1)), torch.ones_like(y), accumulate=True)
+    saved = records.load_json(run_dir / "metrics.json")
+    assert saved["test_confusion"] == confusion.tolist()
+    assert m["test_loss"] == pytest.approx(loss, abs=1e-5)
+    # validation selected on the averaged probabilities too
+    best = records.load_checkpoint(run_dir / "best.pth")["best"]
+    p_val, val_loss, y_val = by_hand(c, run_dir, "val", tta=True)
+    assert best["top1"] == pytest.approx(100 * (p_val.argmax(1) == y_val).double().mean().item())
+    assert best["loss"] == pytest.approx(val_loss, abs=1e-5)
+    # predict.py on the run's checkpoint: the same averaging, on its own preprocessing of the files
+    model, classes, pre = predict.load_model(run_dir / "best.pth")
+    paths = [str(s) for s in sorted((tiny_split / "test").rglob("*.jpg"))[:4]]
+    got = list(predict.predict_paths(model, classes, pre, paths, device=torch.device("cpu"), k=3))
+    batch = torch.stack([predict.load_image(f, pre) for f in paths])
+    with torch.no_grad():
+        want = ((model(batch).softmax(1) + model(batch.flip(3)).softmax(1)) / 2).topk(3)
+    assert pre["tta"] == "flip"
+    for r, probs, idx in zip(got, want.values.tolist(), want.indices.tolist()):
+        assert [t["class"] for t in r["top5"]] == [classes[i] for i in idx]
+        assert [t["prob"] for t in r["top5"]] == pytest.approx(probs, abs=1e-5)
+
+
+def test_without_tta_the_test_pass_reads_the_plain_softmax(tiny_split, tmp_path):
+    c, m, run_dir = tiny_run(tiny_split, tmp_path)
+    assert c["tta"] == "none" and predict.load_model(run_dir / "best.pth")[2]["tta"] == "none"
+    assert m["test_loss"] == pytest.approx(by_hand(c, run_dir, "test", tta=False)[1], abs=1e-5)
+
+
+def test_options_on_images_are_refused_on_cached_features():
+    with pytest.raises(SystemExit, match="--auto-augment rand and --tta flip act on images: not with --unfreeze head"):
+        config(["--unfreeze", "head", "--tta", "flip", "--auto-augment", "rand"])
+    assert config(["--unfreeze", "last:0", "--tta", "flip"])["tta"] == "flip"
