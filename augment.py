@@ -456,8 +456,8 @@ def auto_augment_batch(x: torch.Tensor, op, mean, std) -> torch.Tensor:
     """op (a transform of one [3,H,W] image in [0, 1]) on each image of the normalised [B,3,H,W] x:
     normalisation undone, one call per image (each draws its own op and magnitude from torch's
     global generator, in batch order), normalisation redone. -> a new tensor in x's memory format."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)   # no copy when already there
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     u = (x * s + m).clamp_(0, 1)   # [0, 1] as the library expects; undoes only float rounding
     out = torch.empty_like(x)
     for k in range(len(x)):
@@ -484,9 +484,14 @@ def batch_augment(erasing: float, mixup: float, cutmix: float, num_classes: int,
     if not (op or erasing or mix):
         return None
 
+    rows = {}   # the normalisation on each (device, dtype), copied there once: no host copy per batch
+
     def step(x, y):
         if op is not None:
-            x = auto_augment_batch(x, op, mean, std)
+            key = (x.device, x.dtype)
+            if key not in rows:
+                rows[key] = tuple(torch.tensor(v, dtype=x.dtype, device=x.device) for v in (mean, std))
+            x = auto_augment_batch(x, op, *rows[key])
         if erasing:
             x = erase_batch(x, erase_params(len(x), x.shape[2], x.shape[3], erasing, device=x.device))
         if mix is not None:

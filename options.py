@@ -268,7 +268,8 @@ def check_config(c):
 
 def image_options(c):
     """['--tta flip', ...]: the options given that act on images, which a frozen part's cached outputs are not."""
-    return [f"--{k.replace('_', '-')} {c[k]}" for k in ("auto_augment", "tta") if (c.get(k) or "none") != "none"]
+    return [f"--{k.replace('_', '-')} {c[k]}" for k in ("auto_augment", "erasing", "mixup", "cutmix", "tta")
+            if (c.get(k) or "none") not in ("none", 0, 0.0)]
 
 
 def default_run_name(c):

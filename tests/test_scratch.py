@@ -5,6 +5,7 @@ the average is what best.pth and predict.py hold."""
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -276,3 +277,10 @@ def test_options_on_images_are_refused_on_cached_features():
     with pytest.raises(SystemExit, match="--auto-augment rand and --tta flip act on images: not with --unfreeze head"):
         config(["--unfreeze", "head", "--tta", "flip", "--auto-augment", "rand"])
     assert config(["--unfreeze", "last:0", "--tta", "flip"])["tta"] == "flip"
+    # erasing boxes and mixed images mean nothing on a feature vector
+    with pytest.raises(SystemExit, match="--erasing 0.25 and --mixup 0.2 act on images: not with --unfreeze head"):
+        config(["--unfreeze", "head", "--erasing", "0.25", "--mixup", "0.2"])
+    assert common.frozen_wanted(SimpleNamespace(world=1, config=config(
+        ["--unfreeze", "last:1", "--augment", "none", "--cutmix", "1.0"]))) is False
+    assert common.frozen_wanted(SimpleNamespace(world=1, config=config(
+        ["--unfreeze", "last:1", "--augment", "none"]))) is True
