@@ -20,9 +20,11 @@ def test_ctrl_c_mid_epoch_with_workers_names_the_resume_command_and_it_finishes_
     out = tmp_path / "runs"
     args = ["main_ResNet-18.py", "--data", str(data), "--weights", "none", "--img-size", "32", "--epochs", "2",
             "--batch-size", "4", "--workers", "2", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    # its own process group, as a terminal's: Ctrl-C reaches the run and its loader workers alike
+    # its own process group, as a terminal's: Ctrl-C reaches the run and its loader workers alike. SIGINT
+    # as a terminal gives it, even where the tests run in a background job (which inherits it ignored)
     p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in p.stdout:  # until epoch 1 is done and saved: then epoch 2 is under way
         lines.append(line)
