@@ -114,6 +114,7 @@ def start_store():
 
 
 def init_group(backend, **kwargs):
+    """init_process_group of a torchrun process, on this start's own keys where the agent shares its store."""
     store = start_store()
     if store is None:
         dist.init_process_group(backend, timeout=DIST_TIMEOUT, **kwargs)
