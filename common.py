@@ -504,10 +504,11 @@ def trained_net(run, loaders, frozen):
     return net, batches, dtype
 
 
-def make_optimizer(run, steps_per_epoch):
+def make_optimizer(run, steps_per_epoch, preprocess):
     """AdamW (or Nesterov SGD, --optimizer), the schedule and (fp16) the scaler, restored from the
     checkpoint when resuming -> their tuple and the Progress so far. Also sets run.ema and
-    run.batch_augment, and zero-initialises residual blocks of a fresh random network when asked."""
+    run.batch_augment (normalised with preprocess, the loaders' Preprocess), and zero-initialises
+    residual blocks of a fresh random network when asked."""
     c = run.config
     groups = param_groups(run.model, c["arch"], c["lr"], c["weight_decay"], c["backbone_lr_ratio"])
     if c.get("optimizer") == "sgd":
@@ -521,10 +522,9 @@ def make_optimizer(run, steps_per_epoch):
     if c.get("zero_init_residual") == "on" and c["weights"] == "none" and not ck:
         nets.zero_init_residual(run.model)
     run.ema = averaged_model(run, optimizer)
-    pre = make_preprocess(c["arch"], c["img_size"], c["crop_mode"])  # the batches' normalisation
     run.batch_augment = augment.batch_augment(c.get("erasing") or 0.0, c.get("mixup") or 0.0,
                                               c.get("cutmix") or 0.0, len(run.classes),
-                                              c.get("auto_augment") or "none", pre.mean, pre.std)
+                                              c.get("auto_augment") or "none", preprocess.mean, preprocess.std)
     if ck:
         if run.ema is not None and ck.get("online_model") is not None:  # "model" holds the averaged weights
             run.ema.module.load_state_dict(ck["model"])
@@ -721,7 +721,7 @@ def train_and_test(run, stop_after, resident):
         linear_probe(run, loaders, sources, frozen, budget)
     run.stage.name = "setup"
     net, batches, dtype = trained_net(run, loaders, frozen)
-    optim, progress = make_optimizer(run, len(batches["train"]))
+    optim, progress = make_optimizer(run, len(batches["train"]), options["preprocess"])
     writer = open_records(run)
     last_epoch = config["epochs"] if stop_after is None else min(stop_after, config["epochs"])
     progress = train_epochs(run, net, batches, optim, progress, dtype, writer, last_epoch)

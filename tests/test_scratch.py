@@ -67,7 +67,8 @@ def built_optimizer(argv, tmp_path):
     c = config(argv + ["--img-size", "32", "--workers", "0", "--out", str(tmp_path)])
     run = common.Run(c, 0, 1, torch.device("cpu"), None, {}, tmp_path, None, [str(i) for i in range(5)], {},
                      common.build_model("resnet18", 5, "none"), records.FolderLock(tmp_path), None)
-    (opt, sched, _), _ = common.make_optimizer(run, steps_per_epoch=20)
+    pre = common.make_preprocess("resnet18", 32, c["crop_mode"])
+    (opt, sched, _), _ = common.make_optimizer(run, 20, pre)
     return opt, sched, run
 
 
