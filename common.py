@@ -739,6 +739,7 @@ def train_and_test(run, stop_after, resident):
 # --------------------------------------------------------------------------------------------
 def main(defaults, grid, argv=None, script=None):
     script = script or Path(sys.argv[0]).stem
+    devices.whole_lines(sys.stdout, sys.stderr)
     pipeline.keep_freed_memory()  # batches and activations reuse freed heap pages instead of faulting new ones
     args = get_args_parser(defaults).parse_args(argv)
     config = resolve_config(args, defaults, script)

@@ -6,6 +6,7 @@ Everything that depends on the hardware is decided here, from what the hardware 
 """
 import gc
 import hashlib
+import io
 import os
 import random
 import sys
@@ -228,6 +229,15 @@ def one_fails_all(world, rank):
 def barrier():
     if distributed():
         dist.barrier()
+
+
+def whole_lines(*streams):
+    """Each printed line leaves in one write, so the lines of processes sharing a terminal or pipe
+    (torchrun's workers) never mix mid-line. Unbuffered (python -u, PYTHONUNBUFFERED, common in
+    containers), print writes a line's text and its newline apart."""
+    for stream in streams:
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True, write_through=False)
 
 
 def close_distributed():

@@ -1,5 +1,8 @@
 """Device decisions with faked CUDA properties: torchrun setup per rank, precision per compute
 capability, speed settings, and the memory budget. No GPU is needed: torch.cuda is monkeypatched."""
+import io
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -179,3 +182,41 @@ def test_one_process_under_torchrun_starts_its_group_and_a_plain_run_does_not(fa
     fake_cuda["calls"].clear()
     devices.init_distributed(devices.pick_device("auto", 0, 1), 1)
     assert [c[:2] for c in fake_cuda["calls"]] == [("set_device", torch.device("cuda", 0)), ("init", "nccl")]
+
+
+class Writes(io.RawIOBase):
+    """A raw stream that records each write it is handed, as a pipe's reader would see them."""
+
+    def __init__(self):
+        self.writes = []
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.writes.append(bytes(b))
+        return len(b)
+
+
+def test_whole_lines_hands_each_printed_line_over_in_one_write():
+    raw = Writes()
+    stream = io.TextIOWrapper(raw, write_through=True)  # stdout's shape under python -u / PYTHONUNBUFFERED
+    print("process 0 takes it", file=stream, flush=True)
+    assert raw.writes == [b"process 0 takes it", b"\n"]  # another process's line could land in between
+    raw.writes.clear()
+    devices.whole_lines(stream)
+    print("process 1 takes it", file=stream, flush=True)
+    print("epoch 1/1", file=stream)
+    assert raw.writes == [b"process 1 takes it\n", b"epoch 1/1\n"]
+
+
+def test_a_script_sets_whole_lines_on_stdout_and_stderr_before_anything_else(monkeypatch, tmp_path):
+    import common
+
+    streams = {name: io.TextIOWrapper(Writes(), write_through=True) for name in ("stdout", "stderr")}
+    for name, stream in streams.items():
+        monkeypatch.setattr(sys, name, stream)
+    with pytest.raises(SystemExit, match="^error: "):  # fails at its data folder, having set them
+        common.main(dict(arch="resnet18", batch_size=64, epochs=1, scratch_epochs=1, lr=3e-4, weight_decay=1e-5,
+                         unfreeze="all"), {}, argv=["--data", str(tmp_path / "missing"), "--out", str(tmp_path), "--device", "cpu"], script="t")
+    assert all(s.line_buffering and not s.write_through for s in streams.values())

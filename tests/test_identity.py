@@ -1,6 +1,7 @@
 """A run knows what it is: the split and images it saw, how it computed, and one writer at a time."""
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -120,6 +121,16 @@ def test_a_resume_with_another_precision_or_device_type_is_refused(source, tmp_p
     assert common.fit(dict(c, resume="auto", precision="fp32"))["epochs"] == 2
 
 
+def held_while(first, cmd):
+    """Runs cmd while the first process is paused (SIGSTOP) holding its folder, so the first cannot end
+    before the second looks, however fast the machine; then lets the first go on."""
+    first.send_signal(signal.SIGSTOP)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+
+
 def test_the_same_command_twice_at_once_the_second_stops_naming_the_holder(source, tmp_path):
     data = split(source, tmp_path / "data", 1)
     cmd = [sys.executable, str(ROOT / "main_ResNet-18.py"), "--data", str(data), "--out", str(tmp_path), *TINY,
@@ -131,8 +142,7 @@ def test_the_same_command_twice_at_once_the_second_stops_naming_the_holder(sourc
         found = list((tmp_path / "main_ResNet-18").glob("*/.lock"))
         run_dir = found[0].parent if found and found[0].read_text() else None
         time.sleep(0.1)
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert first.poll() is None  # it stopped at once, while the first still trains
+    second = held_while(first, cmd)
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 1 and len(lines) == 1
     assert lines[0] == f"error: {run_dir} is in use by pid {first.pid} on {socket.gethostname()}; " \
@@ -153,7 +163,7 @@ def test_a_second_grid_command_on_a_grid_in_use_stops_naming_the_holder(source, 
     deadline = time.time() + 120
     while not (lock.exists() and lock.read_text()) and time.time() < deadline:
         time.sleep(0.1)
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    second = held_while(first, cmd)
     assert second.returncode == 1
     assert second.stderr.strip().splitlines()[-1].startswith(
         f"error: {lock.parent} is in use by pid {first.pid} on ")

@@ -31,7 +31,8 @@ def data(tmp_path_factory):
 
 
 def env1():
-    return dict(os.environ, OMP_NUM_THREADS="1")
+    # unbuffered output, as in many containers: two processes' lines meet in one pipe at their worst
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def torchrun(*args, nproc=2, extra=(), script="main_ResNet-18.py"):
