@@ -216,7 +216,9 @@ def test_a_script_sets_whole_lines_on_stdout_and_stderr_before_anything_else(mon
     streams = {name: io.TextIOWrapper(Writes(), write_through=True) for name in ("stdout", "stderr")}
     for name, stream in streams.items():
         monkeypatch.setattr(sys, name, stream)
+    defaults = dict(arch="resnet18", batch_size=64, epochs=1, scratch_epochs=1, lr=3e-4, weight_decay=1e-5,
+                    unfreeze="all")
+    argv = ["--data", str(tmp_path / "missing"), "--out", str(tmp_path), "--device", "cpu"]
     with pytest.raises(SystemExit, match="^error: "):  # fails at its data folder, having set them
-        common.main(dict(arch="resnet18", batch_size=64, epochs=1, scratch_epochs=1, lr=3e-4, weight_decay=1e-5,
-                         unfreeze="all"), {}, argv=["--data", str(tmp_path / "missing"), "--out", str(tmp_path), "--device", "cpu"], script="t")
+        common.main(defaults, {}, argv=argv, script="t")
     assert all(s.line_buffering and not s.write_through for s in streams.values())
