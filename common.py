@@ -17,25 +17,25 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import augment
-import devices
-import experiments
-import features
-import identity
-import nets
-import pipeline
-import records
-from errors import fail, oom_message
-from options import RESOLVED, given_options, image_options
-from records import CheckpointError
+from study import augment
+from study import devices
+from study import experiments
+from study import features
+from study import identity
+from study import nets
+from study import pipeline
+from study import records
+from study.errors import fail, oom_message
+from study.options import RESOLVED, given_options, image_options
+from study.records import CheckpointError
 # What a script, a notebook or a test reaches through common, the one module they import: the
 # data set, the networks and freezing, the options and the device helpers (owned by the modules named).
-from data import IMG_EXTENSIONS, carve_validation, limit_per_class, read_data, scan_split  # noqa: F401
-from devices import all_reduce, autocast, pick_device, resolve_precision  # noqa: F401
-from nets import (ARCHS, build_model, forward_sequence, freeze, make_preprocess, param_groups,  # noqa: F401
+from study.data import IMG_EXTENSIONS, carve_validation, limit_per_class, read_data, scan_split  # noqa: F401
+from study.devices import all_reduce, autocast, pick_device, resolve_precision  # noqa: F401
+from study.nets import (ARCHS, build_model, forward_sequence, freeze, make_preprocess, param_groups,  # noqa: F401
                   parse_unfreeze, preprocess_dict, set_train_mode, weights_preprocess)
-from options import default_run_name, get_args_parser, resolve_config, run_dir_of  # noqa: F401
-from records import atomic_write, save_checkpoint, write_json  # noqa: F401
+from study.options import default_run_name, get_args_parser, resolve_config, run_dir_of  # noqa: F401
+from study.records import atomic_write, save_checkpoint, write_json  # noqa: F401
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "config", "classes", "best")
 
 

@@ -21,11 +21,11 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-import devices
-import nets
-import pipeline
-import records
-from data import is_image_name
+from study import devices
+from study import nets
+from study import pipeline
+from study import records
+from study.data import is_image_name
 
 CHECKPOINT_KEYS = ("model", "classes", "arch", "preprocess")
 PREPROCESS_KEYS = ("crop", "resize", "mean", "std", "interpolation")

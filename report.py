@@ -35,10 +35,10 @@ import re
 import sys
 from pathlib import Path
 
-import identity
-from experiments import GRID_KEYS  # the options a grid may vary, in the order that breaks ties between axes
-from nets import ARCHS
-from records import atomic_write
+from study import identity
+from study.experiments import GRID_KEYS  # the options a grid may vary, in the order that breaks ties between axes
+from study.nets import ARCHS
+from study.records import atomic_write
 
 DISPLAY_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
                  "efficientnet_b4": "EfficientNet-B4", "efficientnet_lite0": "EfficientNet-Lite0"}
@@ -370,7 +370,7 @@ class Figures:
         self.drawn, self.left_out, self.written = {}, [], []
 
     def save(self, folder, name, fig, data, svg=False):
-        import figures
+        from study import figures
 
         folder.mkdir(parents=True, exist_ok=True)
         outputs = [(f"{name}.png", figures.png_bytes(fig))] + ([(f"{name}.svg", figures.svg_bytes(fig))] if svg else [])
@@ -402,7 +402,7 @@ class Figures:
 
 def draw_curves(figs, folder, setting, chosen):
     """curves-<arch>.png per architecture of a table: its pretrained and random-init rows."""
-    import figures
+    from study import figures
 
     lines = []
     for arch in sorted({r["arch"] for r in chosen}, key=arch_order):
@@ -431,7 +431,7 @@ def draw_curves(figs, folder, setting, chosen):
 
 
 def draw_summary(figs, folder, setting, chosen):
-    import figures
+    from study import figures
 
     networks, lines = [], []
     archs = sorted({r["arch"] for r in chosen}, key=arch_order)
@@ -461,7 +461,7 @@ def draw_summary(figs, folder, setting, chosen):
 
 def draw_confusions(figs, folder, chosen):
     """confusion-<run>.png per table row; -> markdown of the most-confused pairs, and lines."""
-    import figures
+    from study import figures
 
     parts, lines = [], []
     for row in chosen:
@@ -496,7 +496,7 @@ def grid_table(rel_group, trials, keys):
 def draw_grids(figs, runs_dir):
     """grid-<arch>.png per grid folder (grid-<arch>-<group>.png when a network has several), and
     each grid's table of trials. -> (left-out lines, tables)."""
-    import figures
+    from study import figures
 
     groups = [(g, scored_trials(g)) for g in find_grids(runs_dir)]
     groups = [(g, t) for g, t in groups if t or any((p / "config.json").is_file() for p in g.iterdir())]

@@ -43,8 +43,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import records
-from data import class_seed, is_image_name, split_fingerprint
+from study import records
+from study.data import class_seed, is_image_name, split_fingerprint
 
 # The official CaltechDATA record for Caltech-101 (https://data.caltech.edu/records/mzrjq-6wc02);
 # the same address and MD5 as torchvision.datasets.Caltech101.

@@ -31,7 +31,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import original  # noqa: E402  (bench/original.py)
-import pipeline  # noqa: E402
+from study import pipeline  # noqa: E402
 
 # --seed-recipe -> (augment.SEED_RECIPES name, crop px) as the original scripts ran them
 RECIPES = {"resnet": ("resnet18", 224), "efficientnet_b4": ("efficientnet_b4", 380)}

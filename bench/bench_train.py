@@ -43,7 +43,7 @@ import torch.nn as nn  # noqa: E402
 import bench_data  # noqa: E402  (tree_cpu_seconds, wait_idle, batches_forever)
 import common  # noqa: E402
 import original  # noqa: E402  (bench/original.py)
-import pipeline  # noqa: E402
+from study import pipeline  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -99,13 +99,13 @@ import os, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
 try:
-    from nets import ARCHS
+    from study.nets import ARCHS
     for name, arch in ARCHS.items():
         if arch.weights is not None:  # torchvision's; Lite0's come with its pip package
             cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(arch.weights.url))
             print(f"weights:{name}", "imagenet" if os.path.isfile(cached) else "none")
 except Exception as e:  # the training steps below say what is broken
-    print("note: cannot read the architectures from nets.py:", type(e).__name__, e)
+    print("note: cannot read the architectures from study/nets.py:", type(e).__name__, e)
 EOF
 )
 for arch in resnet18 resnet50 resnet101 efficientnet_b4; do

@@ -33,8 +33,8 @@ import torch.nn as nn  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import common  # noqa: E402
-import features  # noqa: E402
-import pipeline  # noqa: E402
+from study import features  # noqa: E402
+from study import pipeline  # noqa: E402
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 SCALER = "grad_scaler.py:"   # torch/amp/grad_scaler.py, where a sync warning names it

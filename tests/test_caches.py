@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import common
-import pipeline
+from study import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"Faces", "beaver", "cup", "ferry", "lotus", "panda"}
@@ -58,7 +58,7 @@ def test_random_weights_of_two_seeds_get_two_feature_files_and_two_results(six_c
 BUILD = """
 import json, sys
 sys.path.insert(0, {root!r})
-import pipeline
+from study import pipeline
 paths = json.load(open({paths!r}))
 pipeline.load_or_build_cache(paths, pipeline.cache_geometry(pipeline.Preprocess(crop={side}, resize={side},
     mean=(0.5,) * 3, std=(0.5,) * 3), augmented=False), {cache!r})

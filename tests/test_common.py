@@ -250,7 +250,7 @@ def test_preprocess_follows_the_weights():
 
 
 def test_grid_spec_parses_and_rejects_bad_axes():
-    import experiments as common  # the grid lives beside the core
+    from study import experiments as common  # the grid lives beside the core
     g = common.parse_grid_spec("lr=1e-3,3e-4;batch_size=32,64;unfreeze=last:1,all")
     assert g == {"lr": [1e-3, 3e-4], "batch_size": [32, 64], "unfreeze": ["last:1", "all"]}
     with pytest.raises(SystemExit, match="bad axis"):

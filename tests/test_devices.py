@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import devices
+from study import devices
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_the_budget_counts_everything_resident():
 
 
 def test_the_out_of_memory_line_names_the_batch_size():
-    import errors
+    from study import errors
 
     assert errors.oom_message(64, "training", False) == \
         "out of GPU memory in the training stage with --batch-size 64; try --batch-size 32"
@@ -157,7 +157,7 @@ def test_a_failure_on_one_rank_ends_every_rank_at_once(tmp_path):
     script.write_text(
         "import sys, torch\n"
         f"sys.path.insert(0, {str(root)!r})\n"
-        "import devices, errors\n"
+        "from study import devices, errors\n"
         "rank, world, local = devices.torchrun_env()\n"
         "devices.init_distributed(torch.device('cpu'), world)\n"
         "with devices.on_every_rank(world):\n"

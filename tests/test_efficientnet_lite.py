@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
-import efficientnet_lite as L
+from study import efficientnet_lite as L
 
 # Caltech-101 folder -> ImageNet name (torchvision's category list, so _fc's index order is
 # checked against torchvision's ImageNet order too).

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import common
-import experiments
+from study import experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-import records
+from study import records
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"accordion", "airplanes", "anchor", "ant", "barrel", "bass", "beaver", "binocular", "bonsai", "brain",
@@ -64,7 +64,7 @@ def test_two_process_gloo_run_writes_the_outputs_of_one_process_with_one_writer(
 
 def test_two_processes_probe_alike_and_then_fine_tune(data, tmp_path):
     """The linear probe under torchrun: every process probes on every image, so the heads agree."""
-    import efficientnet_lite
+    from study import efficientnet_lite
 
     weights = tmp_path / "lite0.pth"
     torch.save(efficientnet_lite.imagenet_state_dict(), weights)

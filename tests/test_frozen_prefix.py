@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import common
-import devices
-import features
+from study import devices
+from study import features
 
 TINY = {"accordion", "airplanes", "anchor", "ant", "barrel", "bass", "beaver", "binocular", "bonsai", "brain",
         "brontosaurus", "buddha"}
@@ -21,7 +21,7 @@ def tiny_split(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
     """Genuine ImageNet weights of EfficientNet-Lite0, saved by the test (nothing is downloaded)."""
-    import efficientnet_lite
+    from study import efficientnet_lite
 
     path = tmp_path_factory.mktemp("weights") / "lite0_imagenet.pth"
     torch.save(efficientnet_lite.imagenet_state_dict(), path)
@@ -110,7 +110,7 @@ def test_augmented_training_or_a_tight_memory_runs_every_stage_each_step(tiny_sp
 
 
 def test_prefix_batches_serve_the_loaders_order_and_labels(tiny_split, tmp_path):
-    import pipeline
+    from study import pipeline
 
     classes, splits = common.prepare_data(lite0_config(tiny_split, tmp_path, "none"))
     train = splits["train"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import common
-import devices
-import experiments
-import features
-import options
+from study import devices
+from study import experiments
+from study import features
+from study import options
 
 FP16_ARGS = dict(precision="fp16")
 

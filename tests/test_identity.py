@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import common
-import data as data_mod
-import devices
-import records
+from study import data as data_mod
+from study import devices
+from study import records
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"accordion", "airplanes", "anchor", "ant"}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import common
-import devices
+from study import devices
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"accordion", "airplanes", "anchor", "ant"}
@@ -166,7 +166,7 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_grid_ends_as_uninterrupt
 def driver(tmp_path, patch):
     """A script that runs main_ResNet-18.py under torchrun after `patch` (Python source) ran in the process."""
     script = tmp_path / "driver.py"
-    script.write_text(f"import os, runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport common, devices\n"
+    script.write_text(f"import os, runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport common\nfrom study import devices\n"
                       f"rank = int(os.environ['RANK'])\n{patch}\n"
                       f"sys.argv[0] = {str(ROOT / 'main_ResNet-18.py')!r}\n"
                       f"runpy.run_path({str(ROOT / 'main_ResNet-18.py')!r}, run_name='__main__')\n")

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-import augment as A
-import pipeline as P
+from study import augment as A
+from study import pipeline as P
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CPU = torch.device("cpu")
@@ -663,7 +663,7 @@ def test_batches_make_no_device_constant_and_copy_nothing_blocking(real_split, p
 def test_cached_outputs_are_indexed_without_a_blocking_copy(real_split):
     """features.CachedBatches: each batch's index reaches the outputs' device non_blocking (from
     pinned memory on CUDA), not by a blocking copy."""
-    import features
+    from study import features
 
     sync_check = host_copies()
     samples = colour_samples(real_split)[:12]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import nets
+from study import nets
 import predict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-import figures
+from study import figures
 import report
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-import devices
+from study import devices
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--limit-per-class", "8", "--img-size", "64", "--workers", "0"]
@@ -157,7 +157,7 @@ def test_missing_or_empty_train_is_a_clear_error(tmp_path):
 
 
 def test_head_only_caches_features_once_and_leaves_the_backbone_bit_identical(tiny_split, tmp_path):
-    import efficientnet_lite
+    from study import efficientnet_lite
 
     weights = tmp_path / "lite0_imagenet.pth"  # the genuine ImageNet weights, saved by the test
     torch.save(efficientnet_lite.imagenet_state_dict(), weights)
@@ -197,7 +197,7 @@ def test_each_script_runs_from_a_local_state_dict(tiny_split, tmp_path, script, 
 
 
 def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_path):
-    import efficientnet_lite
+    from study import efficientnet_lite
 
     weights = tmp_path / "lite0.pth"
     torch.save(efficientnet_lite.imagenet_state_dict(), weights)

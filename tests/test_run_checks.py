@@ -5,8 +5,8 @@ import json
 import pytest
 
 import common
-import data as data_mod
-import experiments
+from study import data as data_mod
+from study import experiments
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_a_grid_with_head_and_last1_trials_records_its_options_and_reruns_nothin
 def test_the_test_pass_shows_only_wrong_predictions_most_confident_first(data, tmp_path):
     import torch
 
-    import devices
+    from study import devices
     from test_run import tb_scalars
 
     c = config(data, tmp_path, precision="fp32")

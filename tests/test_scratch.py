@@ -12,11 +12,11 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-import augment as A
+from study import augment as A
 import common
-import options
+from study import options
 import predict
-import records
+from study import records
 
 ROOT = Path(__file__).resolve().parents[1]
 R18 = dict(arch="resnet18", batch_size=64, epochs=30, scratch_epochs=50, lr=3e-4, weight_decay=1e-5,

@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 from torchvision.ops import StochasticDepth
 
-from devices import autocast
-from nets import forward_sequence, make_preprocess, preprocess_dict, set_train_mode
-from pipeline import to_device
-from records import load_checkpoint, save_checkpoint
+from .devices import autocast
+from .nets import forward_sequence, make_preprocess, preprocess_dict, set_train_mode
+from .pipeline import to_device
+from .records import load_checkpoint, save_checkpoint
 
 
 @dataclass

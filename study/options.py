@@ -6,10 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
-import augment
-import pipeline
-from errors import fail
-from nets import ARCHS, TTAS, parse_unfreeze, weights_preprocess
+from . import augment
+from . import pipeline
+from .errors import fail
+from .nets import ARCHS, TTAS, parse_unfreeze, weights_preprocess
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The options a scratch recipe sets (default None), and their values for pretrained weights (today's).

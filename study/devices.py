@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import fail
+from .errors import fail
 
 # A collective that waits longer than this ends the run; the first decode of a large folder by
 # rank 0, while the others wait for it, is the longest legitimate wait.

@@ -45,9 +45,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from augment import FLIP_P, draw_params, pack_plan, plan_arrays, render_pil, render_torch, train_recipe
-from errors import fail
-from records import commit_file, write_json
+from .augment import FLIP_P, draw_params, pack_plan, plan_arrays, render_pil, render_torch, train_recipe
+from .errors import fail
+from .records import commit_file, write_json
 
 
 # =============================================================================================

@@ -234,7 +234,7 @@ def write_hparams(writer, config, metrics):
 def log_test(writer, classes, test_m, mistake_images):
     """The test pass in TensorBoard: the readable confusion matrix, the worst mistakes as the
     images were evaluated, and the per-class table from worst to best."""
-    import figures  # matplotlib: only at the end of a run
+    from . import figures  # matplotlib: only at the end of a run
 
     writer.add_figure("Test/confusion_matrix", figures.confusion_figure(test_m["confusion"], classes), 0)
     if test_m["mistakes"]:

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from torchvision import models
 
-import pipeline
-from errors import fail
-from records import CheckpointError, load_checkpoint, plain_state_dict
+from . import pipeline
+from .errors import fail
+from .records import CheckpointError, load_checkpoint, plain_state_dict
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ EFFNET_STAGES = tuple((f"features.{i}",) for i in range(9))
 
 
 def _lite0(num_classes=1000):
-    import efficientnet_lite  # imported on use: only this architecture needs it
+    from . import efficientnet_lite  # imported on use: only this architecture needs it
 
     return efficientnet_lite.efficientnet_lite0(num_classes=num_classes)
 
@@ -50,7 +50,7 @@ def weights_preprocess(arch_name):
     """The evaluation preprocessing of the architecture's ImageNet weights, as a plain dict."""
     arch = ARCHS[arch_name]
     if arch.weights is None:
-        import efficientnet_lite
+        from . import efficientnet_lite
 
         return dict(efficientnet_lite.PREPROCESS)
     t = arch.weights.transforms()
@@ -107,7 +107,7 @@ def imagenet_state_dict(arch_name):
     """ImageNet weights: torchvision's download, or the pip package for Lite0; clear error offline."""
     arch = ARCHS[arch_name]
     if arch.weights is None:
-        import efficientnet_lite
+        from . import efficientnet_lite
 
         return efficientnet_lite.imagenet_state_dict()
     w = arch.weights

@@ -9,7 +9,7 @@ import json
 import random
 from pathlib import Path
 
-from errors import fail
+from .errors import fail
 
 # what both split_data.py and the loaders accept as an image (lower-case suffixes)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")

@@ -7,8 +7,8 @@ device type. They are recorded as the config's "identity" entry (data.data_ident
 folder and --compare's reuse of a grid winner refuse a run whose identity differs, naming what
 differs (`check_same_run`); report.py keeps runs of different splits in different tables.
 """
-from errors import fail
-from options import describe_differences, differing_options
+from .errors import fail
+from .options import describe_differences, differing_options
 
 
 def compute_identity(processes, batch_size, precision, device_type):

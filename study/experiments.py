@@ -43,13 +43,13 @@ import time
 import traceback
 from pathlib import Path
 
-import devices
-import identity
-from data import read_data, scan_split
-from errors import fail
-from nets import parse_unfreeze
-from options import check_config, default_run_name, run_dir_of, scratch_rules
-from records import FolderBusy, FolderLock, atomic_write, load_json, write_hparams, write_json
+from . import devices
+from . import identity
+from .data import read_data, scan_split
+from .errors import fail
+from .nets import parse_unfreeze
+from .options import check_config, default_run_name, run_dir_of, scratch_rules
+from .records import FolderBusy, FolderLock, atomic_write, load_json, write_hparams, write_json
 
 # Options a grid may vary (option names with underscores).
 GRID_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "unfreeze", "img_size", "crop_mode", "backbone_lr_ratio",

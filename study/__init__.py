@@ -1,0 +1,1 @@
+"""The machinery behind the scripts at the top: one job per module (DESIGN.md draws them)."""
