@@ -19,9 +19,12 @@ can only flatter the original. Prints cache_build_s=X and, last, images_per_s=N 
 --compare).
 """
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the main process (default: 1)")
     p.add_argument("--cache-dir", default=None,
-                   help="decode cache folder (default: none, the cache is built in memory)")
+                   help="decode cache folder (default: a temporary one, removed at the end)")
     p.add_argument("--on-device", choices=("auto", "on", "off"), default="auto",
                    help="ours: batched tensor augmentation; auto = on for CUDA (default: auto)")
     p.add_argument("--resident", choices=("auto", "on", "off"), default="auto",
@@ -126,6 +129,13 @@ def make_original(args, device):
                             args.batch_size, args.workers, device)
 
 
+def scratch_folder() -> str:
+    """A decode cache folder for this process alone, removed when it ends (no --cache-dir)."""
+    folder = tempfile.mkdtemp(prefix="bench-cache-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def make_ours(args, device):
     """Batches of pipeline.build_loader (builds or reuses the cache), forever."""
     from torchvision.datasets import ImageFolder
@@ -140,7 +150,9 @@ def make_ours(args, device):
     loader = pipeline.build_loader(
         samples, train=True, preprocess=pre, augment="seed", seed_recipe=name,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
-        cache_dir=args.cache_dir, on_device=on_device, resident=resident)
+        cache_dir=args.cache_dir or scratch_folder(), on_device=on_device)
+    if resident:   # as a run places its caches: after building the loader
+        loader.make_resident()
 
     def epoch_iter(epoch):
         loader.set_epoch(epoch)

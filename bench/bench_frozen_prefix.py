@@ -3,7 +3,7 @@
     python bench/bench_frozen_prefix.py --arch efficientnet_lite0 --unfreeze last:5 --img-size 256
     python bench/bench_frozen_prefix.py --arch resnet18 --unfreeze last:1 --img-size 224
 
-Both sides are the project's own step (common.split_frozen_prefix, set_train_mode with frozen
+Both sides are the project's own step (features.split_frozen_prefix, set_train_mode with frozen
 BatchNorm, param_groups + AdamW, autocast at --precision, channels_last, backward_and_step with
 clipping at 1.0) on one synthetic batch made on the CPU, random weights. "every step" runs the
 whole network; "cached" runs only the part after the frozen prefix, on the prefix's output for
@@ -22,12 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import common  # noqa: E402
+from study import features, hardware, loop, nets  # noqa: E402
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="efficientnet_lite0", choices=list(common.ARCHS))
+    p.add_argument("--arch", default="efficientnet_lite0", choices=list(nets.ARCHS))
     p.add_argument("--unfreeze", default="last:5", help="trained part, as main_*.py's --unfreeze")
     p.add_argument("--img-size", type=int, default=256, help="input side, px")
     p.add_argument("--batch-size", type=int, default=64)
@@ -52,32 +52,32 @@ def make_step(net, optimizer, criterion, x, y, device, dtype):
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def step():
-        with common.autocast(device, dtype):
+        with hardware.autocast(device, dtype):
             loss = criterion(net(x).float(), y)
-        common.backward_and_step(loss, optimizer, params)
+        loop.backward_and_step(loss, optimizer, params)
     return step
 
 
 def main(args):
     torch.manual_seed(0)
     device = torch.device("cpu")
-    dtype = common.resolve_precision(args.precision, device)
-    model = common.build_model(args.arch, 101, "none")
-    common.freeze(model, args.arch, common.parse_unfreeze(args.unfreeze, args.arch))
+    dtype = hardware.resolve_precision(args.precision, device)
+    model = nets.build_model(args.arch, 101, "none")
+    nets.freeze(model, args.arch, nets.parse_unfreeze(args.unfreeze, args.arch))
     model.to(memory_format=torch.channels_last)
-    prefix, rest = common.split_frozen_prefix(model, "frozen")
+    prefix, rest = features.split_frozen_prefix(model, "frozen")
     if not len(prefix):
         sys.exit(f"--unfreeze {args.unfreeze}: nothing leading is frozen, nothing to cache")
-    common.set_train_mode(model, "frozen")
+    nets.set_train_mode(model, "frozen")
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=torch.channels_last)
     y = torch.randint(0, 101, (args.batch_size,))
-    optimizer = torch.optim.AdamW(common.param_groups(model, args.arch, 1e-4, 1e-4, 1.0))
+    optimizer = torch.optim.AdamW(nets.param_groups(model, args.arch, 1e-4, 1e-4, 1.0))
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    with torch.no_grad(), common.autocast(device, dtype):
+    with torch.no_grad(), hardware.autocast(device, dtype):
         cached = prefix(x)
 
     def prefix_only():
-        with torch.no_grad(), common.autocast(device, dtype):
+        with torch.no_grad(), hardware.autocast(device, dtype):
             prefix(x)
 
     sides = {"every step": make_step(model, optimizer, criterion, x, y, device, dtype),

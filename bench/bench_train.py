@@ -5,10 +5,10 @@
     python bench/bench_train.py --arch resnet18 --unfreeze last:1 --data DIR --workers 2 --original
     python bench/bench_train.py --arch resnet18 --unfreeze last:1 --data DIR --workers 2 --compare
 
-Ours = the project's own pieces: common.build_model (random weights: nothing to download),
-common.freeze + parse_unfreeze, common.param_groups (AdamW), common.set_train_mode (frozen
-BatchNorm in eval mode), channels_last, common.resolve_precision + autocast, gradient
-clipping at 1.0 as common.train_one_epoch; batches from pipeline.build_loader (--data, the
+Ours = the project's own pieces: nets.build_model (random weights: nothing to download),
+nets.freeze + parse_unfreeze, nets.param_groups (AdamW), nets.set_train_mode (frozen
+BatchNorm in eval mode), channels_last, hardware.resolve_precision + autocast, gradient
+clipping at 1.0 as loop.train_one_epoch; batches from pipeline.build_loader (--data, the
 `seed` augmentation of the architecture's seed recipe) or synthetic tensors (--synthetic).
 --original = the original study's loop on the same images: its input path (bench/original.py:
 ImageFolder + the original script's PIL transforms + DataLoader(shuffle)), the same network in fp32
@@ -40,15 +40,15 @@ import resource  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import bench_data  # noqa: E402  (tree_cpu_seconds, wait_idle, batches_forever)
-import common  # noqa: E402
+import bench_data  # noqa: E402  (tree_cpu_seconds, wait_idle, batches_forever, scratch_folder)
+from study import hardware, loop, nets  # noqa: E402
 import original  # noqa: E402  (bench/original.py)
 from study import pipeline  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", required=True, choices=list(common.ARCHS), help="network to train")
+    p.add_argument("--arch", required=True, choices=list(nets.ARCHS), help="network to train")
     p.add_argument("--img-size", type=int, default=None,
                    help="crop side, px (default: the weights' own, 224 or 380)")
     p.add_argument("--unfreeze", default="last:1",
@@ -66,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="folder with train/<class>/ images")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes (default: 2)")
     p.add_argument("--cache-dir", default=None,
-                   help="ours: decode cache folder (default: none, built in memory)")
+                   help="ours: decode cache folder (default: a temporary one, removed at the end)")
     p.add_argument("--resident", choices=("auto", "on", "off"), default="auto",
                    help="ours: the whole decode cache as one tensor on the device, batches "
                         "augmented there; auto = on for CUDA (default: auto)")
@@ -116,32 +116,34 @@ def synthetic_batches(args, crop: int, num_classes: int, device):
 def setup_ours(args, device, samples, num_classes):
     """-> (step function, batch iterator) with the project's own pieces."""
     arch = args.arch
-    pre = common.make_preprocess(arch, args.img_size)
-    model = common.build_model(arch, num_classes, "none")
-    common.freeze(model, arch, common.parse_unfreeze(args.unfreeze, arch))
+    pre = nets.make_preprocess(arch, args.img_size)
+    model = nets.build_model(arch, num_classes, "none")
+    nets.freeze(model, arch, nets.parse_unfreeze(args.unfreeze, arch))
     model.to(device=device, memory_format=torch.channels_last)
-    dtype = common.resolve_precision(args.precision, device)
-    optimizer = torch.optim.AdamW(common.param_groups(model, arch, 3e-4, 1e-5, 0.1),
+    dtype = hardware.resolve_precision(args.precision, device)
+    optimizer = torch.optim.AdamW(nets.param_groups(model, arch, 3e-4, 1e-5, 0.1),
                                   fused=True if args.fused else None)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    common.set_train_mode(model)
+    nets.set_train_mode(model)
 
-    def step(x, y):   # the body of common.train_one_epoch
+    def step(x, y):   # the body of loop.train_one_epoch
         x = x.to(memory_format=torch.channels_last)
-        with common.autocast(device, dtype):
+        with hardware.autocast(device, dtype):
             loss = criterion(model(x).float(), y)
-        common.backward_and_step(loss, optimizer, params, scaler, clip=1.0)
+        loop.backward_and_step(loss, optimizer, params, scaler, clip=1.0)
         return loss
 
     if args.synthetic:
         return step, synthetic_batches(args, pre.crop, num_classes, device), dtype
     resident = {"auto": device.type == "cuda", "on": True, "off": False}[args.resident]
     loader = pipeline.build_loader(
-        samples, train=True, preprocess=pre, augment="seed", seed_recipe=common.ARCHS[arch].seed_recipe,
+        samples, train=True, preprocess=pre, augment="seed", seed_recipe=nets.ARCHS[arch].seed_recipe,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
-        cache_dir=args.cache_dir, on_device=True if resident else None, resident=resident)
+        cache_dir=args.cache_dir or bench_data.scratch_folder(), on_device=True if resident else None)
+    if resident:   # as a run places its caches: after building the loader
+        loader.make_resident()
 
     def epoch(e):
         loader.set_epoch(e)
@@ -152,10 +154,10 @@ def setup_ours(args, device, samples, num_classes):
 def setup_original(args, device, data_train, num_classes):
     """-> (step function, batch iterator): the original loop, fp32, contiguous, BN training."""
     arch = args.arch
-    crop = args.img_size or common.weights_preprocess(arch)["crop"]
-    model = common.build_model(arch, num_classes, "none").to(device)
-    common.freeze(model, arch, common.parse_unfreeze(args.unfreeze, arch))
-    head = common.ARCHS[arch].head + "."
+    crop = args.img_size or nets.weights_preprocess(arch)["crop"]
+    model = nets.build_model(arch, num_classes, "none").to(device)
+    nets.freeze(model, arch, nets.parse_unfreeze(args.unfreeze, arch))
+    head = nets.ARCHS[arch].head + "."
     groups = [{"params": [p for n, p in model.named_parameters()
                           if p.requires_grad and not n.startswith(head)], "lr": 3e-5},
               {"params": [p for n, p in model.named_parameters()
@@ -178,7 +180,7 @@ def setup_original(args, device, data_train, num_classes):
 
     if args.synthetic:
         return step, synthetic_batches(args, crop, num_classes, device)
-    _, batches = original.batches(data_train, original.train_transform(common.ARCHS[arch].seed_recipe, crop),
+    _, batches = original.batches(data_train, original.train_transform(nets.ARCHS[arch].seed_recipe, crop),
                                   args.batch_size, args.workers, device)
     return step, batches
 
@@ -230,7 +232,7 @@ def main(argv=None) -> None:
         samples, num_classes = folder.samples, len(folder.classes)
         if len(samples) < args.batch_size:
             raise SystemExit(f"{len(samples)} images in {data_train}: fewer than one batch")
-    common.parse_unfreeze(args.unfreeze, args.arch)   # a bad spec fails before any work
+    nets.parse_unfreeze(args.unfreeze, args.arch)   # a bad spec fails before any work
     print(f"arch={args.arch} unfreeze={args.unfreeze} batch={args.batch_size} device={device} "
           f"threads={torch.get_num_threads()} workers={args.workers} "
           f"input={'synthetic' if args.synthetic else args.data}", flush=True)

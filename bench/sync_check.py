@@ -11,7 +11,7 @@ On CUDA, under torch.cuda.set_sync_debug_mode("warn"): torch warns at every sync
 the warnings of each batch (loader, forward, backward, optimizer step) are counted and their
 source lines listed. Last line: syncs_per_batch=N, the largest mean over the paths' measured
 epochs (the target is 0; fp16's GradScaler, which reads its inf check back every step by design,
-is listed apart). common.train_one_epoch is counted as well, for information: it reads the loss
+is listed apart). loop.train_one_epoch is counted as well, for information: it reads the loss
 back every 10 steps on purpose.
 On the CPU nothing synchronises; HostCopies then records, around each batch the loader makes,
 the calls that would on CUDA: a tensor built from Python numbers, a copy to a device without
@@ -32,9 +32,10 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-import common  # noqa: E402
+from study import data, hardware, loop, nets  # noqa: E402
 from study import features  # noqa: E402
 from study import pipeline  # noqa: E402
+import bench_data  # noqa: E402  (scratch_folder)
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 SCALER = "grad_scaler.py:"   # torch/amp/grad_scaler.py, where a sync warning names it
@@ -112,33 +113,34 @@ def cuda_syncs(step, batches):
 
 
 def make_step(model, arch, device, dtype):
-    """The body of common.train_one_epoch for `model`: forward, loss, backward, clip, AdamW, schedule."""
-    optimizer = torch.optim.AdamW(common.param_groups(model, arch, 1e-3, 1e-4, 0.1))
-    scheduler = common.lr_schedule(optimizer, 100, 10)
+    """The body of loop.train_one_epoch for `model`: forward, loss, backward, clip, AdamW, schedule."""
+    optimizer = torch.optim.AdamW(nets.param_groups(model, arch, 1e-3, 1e-4, 0.1))
+    scheduler = loop.lr_schedule(optimizer, 100, 10)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    scaler = common.devices.grad_scaler(device, dtype)
+    scaler = hardware.grad_scaler(device, dtype)
 
     def step(x, y):
         if x.ndim == 4:
             x = x.to(memory_format=torch.channels_last)
-        with common.autocast(device, dtype):
+        with hardware.autocast(device, dtype):
             loss = criterion(model(x).float(), y)
-        common.backward_and_step(loss, optimizer, params, scaler, 1.0)
+        loop.backward_and_step(loss, optimizer, params, scaler, 1.0)
         scheduler.step()
     return step, (optimizer, scheduler, criterion, scaler)
 
 
 def paths(samples, classes, args, device, dtype):
     """-> {path name: (loader or CachedBatches, model)} for every input path."""
-    pre = common.make_preprocess(args.arch, args.img_size)
-    kw = dict(train=True, preprocess=pre, seed_recipe=common.ARCHS[args.arch].seed_recipe, batch_size=args.batch_size,
-              workers=args.workers, device=device, seed=0, cache_dir=args.cache_dir, progress=False)
+    pre = nets.make_preprocess(args.arch, args.img_size)
+    kw = dict(train=True, preprocess=pre, seed_recipe=nets.ARCHS[args.arch].seed_recipe, batch_size=args.batch_size,
+              workers=args.workers, device=device, seed=0, progress=False,
+              cache_dir=args.cache_dir or bench_data.scratch_folder())
 
     def network():
-        model = common.build_model(args.arch, len(classes), "none")
-        common.freeze(model, args.arch, common.parse_unfreeze("last:1", args.arch))
-        common.set_train_mode(model)
+        model = nets.build_model(args.arch, len(classes), "none")
+        nets.freeze(model, args.arch, nets.parse_unfreeze("last:1", args.arch))
+        nets.set_train_mode(model)
         return model.to(device=device, memory_format=torch.channels_last)
 
     out = {}
@@ -146,11 +148,13 @@ def paths(samples, classes, args, device, dtype):
                                                  ("streamed-augmented", "seed", True, False),
                                                  ("resident-eval-framing", "none", True, True),
                                                  ("pil-augmented", "seed", False, False)]:
-        loader = pipeline.build_loader(samples, augment=augment, on_device=on_device, resident=resident, **kw)
+        loader = pipeline.build_loader(samples, augment=augment, on_device=on_device, **kw)
+        if resident:   # as a run places its caches: after building the loader
+            loader.make_resident()
         out[name] = loader, network()
     # a frozen backbone's features, computed once; a linear head trains on them in the loader's order
     loader = out["resident-eval-framing"][0]
-    backbone, _ = features.cut_head(common.forward_sequence(network()))
+    backbone, _ = features.cut_head(nets.forward_sequence(network()))
     outputs, _ = features.outputs_of(backbone, loader, len(loader.samples), device, dtype, as_float=True)
     head = nn.Linear(outputs.shape[1], len(classes)).to(device)
     out["cached-outputs"] = features.CachedBatches(loader, outputs), head
@@ -161,24 +165,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder with train/<class>/ images")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
-    p.add_argument("--arch", default="resnet18", choices=list(common.ARCHS), help="network (default: resnet18)")
+    p.add_argument("--arch", default="resnet18", choices=list(nets.ARCHS), help="network (default: resnet18)")
     p.add_argument("--img-size", type=int, default=None, help="crop side, px (default: the weights' own)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
     p.add_argument("--limit-per-class", type=int, default=12, help="images per class (default: 12)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes of the streamed paths (default: 2)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="as main_*.py (default: auto); fp16's GradScaler reads back every step")
-    p.add_argument("--cache-dir", default=None, help="decode cache folder (default: none, built in memory)")
+    p.add_argument("--cache-dir", default=None, help="decode cache folder (default: a temporary one)")
     args = p.parse_args(argv)
-    device = common.pick_device(args.device)
-    dtype = common.resolve_precision(args.precision, device)
-    common.devices.speed_settings(device, dtype, deterministic=False)   # cudnn.benchmark as the runs
-    classes, train, _ = common.scan_split(args.data)
-    samples = common.limit_per_class(train, args.limit_per_class)
+    device = hardware.pick_device(args.device)
+    dtype = hardware.resolve_precision(args.precision, device)
+    hardware.speed_settings(device, dtype, deterministic=False)   # cudnn.benchmark as the runs
+    classes, train, _ = data.scan_split(args.data)
+    samples = data.limit_per_class(train, args.limit_per_class)
     cuda = device.type == "cuda"
     what = "syncs" if cuda else "blocking calls"
     print(f"sync_check: {args.arch}, {len(samples)} images, batch {args.batch_size}, {device}, "
-          f"{common.devices.precision_name(dtype)}; {what} per batch of the measured epoch (after a warm-up epoch)",
+          f"{hardware.precision_name(dtype)}; {what} per batch of the measured epoch (after a warm-up epoch)",
           flush=True)
     worst, built = 0.0, paths(samples, classes, args, device, dtype)
     for name, (batches, model) in built.items():
@@ -210,12 +214,12 @@ def main(argv=None):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                common.train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtype, epoch=1,
-                                       scaler=scaler, progress=False)
+                loop.train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtype, epoch=1,
+                                       scaler=scaler, show_bar=False)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         n = sum("synchroniz" in str(w.message) for w in caught)
-        print(f"common.train_one_epoch (resident-augmented): {n} syncs in {len(loader)} batches "
+        print(f"loop.train_one_epoch (resident-augmented): {n} syncs in {len(loader)} batches "
               f"(it reads the loss back every 10 steps and once at the end, on purpose)", flush=True)
     print(f"{'syncs' if cuda else 'blocking_calls'}_per_batch={worst:g}", flush=True)
     return 1 if worst > 0 else 0

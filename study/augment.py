@@ -11,8 +11,8 @@ cached uint8 images, by PIL per image (the loader workers) or by batched tensor 
   * render_torch: per batch, one grid_sample for crop+flip+rotation+perspective and one
     batched 3x3 colour matrix that also normalises; no per-image Python.
 
-Sources are rows of the train cache that pipeline.py builds (a canvas of resize x long_side,
-portrait images stored transposed); this module imports nothing from pipeline.
+Sources are images of the train cache that decode_cache.py builds (a canvas of resize x
+long_side, portrait images stored transposed); this module imports nothing from the pipeline.
 
 Batch augmentation (on normalised batches in the training loop, either path, any device):
 torchvision's TrivialAugmentWide or RandAugment per image, normalisation undone and redone around it
@@ -341,24 +341,21 @@ def _pixel_grid(crop: int, device: torch.device) -> torch.Tensor:
     return torch.stack([x.reshape(-1), y.reshape(-1), torch.ones_like(x).reshape(-1)], 1)
 
 
-def pack_plan(plan: dict, rows: np.ndarray) -> torch.Tensor:
-    """Plan rows as one float32 [b, 47] tensor, so a batch needs a single host->device copy."""
-    parts = [plan["P"][rows].reshape(-1, 9), plan["R"][rows].reshape(-1, 9),
-             plan["S"][rows].reshape(-1, 9), plan["M"][rows].reshape(-1, 9),
-             plan["K"][rows].reshape(-1, 9),
-             plan["sigma"][rows, None], plan["persp"][rows, None]]
+def pack_plan(plan: dict, idx: np.ndarray) -> torch.Tensor:
+    """The plan's entries idx (a batch) as one float32 [b, 47] tensor: a single host->device copy."""
+    parts = [plan[k][idx].reshape(-1, 9) for k in ("P", "R", "S", "M", "K")] + \
+            [plan["sigma"][idx, None], plan["persp"][idx, None]]
     return torch.from_numpy(np.concatenate(parts, 1).astype(np.float32))
 
 
-def render_torch(src: torch.Tensor, packed: torch.Tensor, *, crop: int,
-                 mean: tuple[float, float, float] | torch.Tensor, std: tuple[float, float, float] | torch.Tensor,
-                 blur: bool | None = None) -> torch.Tensor:
-    """Augment a uint8 [B,H,W,3] batch on its device with plan rows `packed` (pack_plan)
+def render_torch(src: torch.Tensor, packed: torch.Tensor, *, crop: int, mean: torch.Tensor, std: torch.Tensor,
+                 blur: bool) -> torch.Tensor:
+    """Augment a uint8 [B,H,W,3] batch on its device with its plan entries `packed` (pack_plan)
     -> float32 [B,3,crop,crop], (x / 255 - mean) / std.
 
     A fixed number of kernel launches per batch whatever its size, no per-image Python, no
-    host sync when `blur` (any sample blurred) is given by the caller and mean, std are float32
-    tensors already on the device (tuples are copied there on every call).
+    host sync: `blur` (any sample blurred) comes from the caller, and mean, std are float32
+    tensors already on the device.
     """
     B, Hs, Ws, _ = src.shape
     dev = src.device
@@ -378,8 +375,6 @@ def render_torch(src: torch.Tensor, packed: torch.Tensor, *, crop: int,
     x = x * inside(r)                                               # rotation's zero fill
     keep = inside(q)                                                # perspective's zero fill
     x_mean = x.mean((2, 3))                                         # [B, 3] for contrast
-    if blur is None:
-        blur = not bool(torch.isnan(sigma).all())
     if blur:   # GaussianBlur(3): separable, reflect padding as torchvision, per sample
         t = torch.arange(-1, 2, device=dev, dtype=torch.float32)
         k = torch.exp(-0.5 * (t / sigma.nan_to_num(0.1)[:, None]) ** 2)
@@ -397,7 +392,6 @@ def render_torch(src: torch.Tensor, packed: torch.Tensor, *, crop: int,
     lo, hi = (-mu * inv).view(1, 3, 1, 1), ((1 - mu) * inv).view(1, 3, 1, 1)
     out = torch.maximum(torch.minimum(out, hi), lo)               # ToTensor's [0, 1] range
     return torch.where(keep | ~persp.view(B, 1, 1, 1), out, lo)
-
 
 
 # =============================================================================================
@@ -484,14 +478,14 @@ def batch_augment(erasing: float, mixup: float, cutmix: float, num_classes: int,
     if not (op or erasing or mix):
         return None
 
-    rows = {}   # the normalisation on each (device, dtype), copied there once: no host copy per batch
+    consts = {}   # the normalisation on each (device, dtype), copied there once: no host copy per batch
 
     def step(x, y):
         if op is not None:
             key = (x.device, x.dtype)
-            if key not in rows:
-                rows[key] = tuple(torch.tensor(v, dtype=x.dtype, device=x.device) for v in (mean, std))
-            x = auto_augment_batch(x, op, *rows[key])
+            if key not in consts:
+                consts[key] = tuple(torch.tensor(v, dtype=x.dtype, device=x.device) for v in (mean, std))
+            x = auto_augment_batch(x, op, *consts[key])
         if erasing:
             x = erase_batch(x, erase_params(len(x), x.shape[2], x.shape[3], erasing, device=x.device))
         if mix is not None:

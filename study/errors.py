@@ -6,23 +6,25 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-# What frees GPU memory in each stage of a run, after --gpu-cache off where decode caches are
+# What frees GPU memory in each step of a run, after --gpu-cache off where decode caches are
 # resident. Only training's batch grows with --batch-size (evaluation batches are
 # max(64, --batch-size) images), so only training suggests a smaller one.
-OOM_REMEDIES = {"setup": None, "training": "--batch-size", "evaluation": None, "frozen prefix": "--cache-frozen off",
-                "probe": None, "features": None, "test": None}
+GPU_CACHE_OFF = "--gpu-cache off (decode caches in host memory, same results)"
+OOM_REMEDIES = {"setup": None, "decode caches": GPU_CACHE_OFF, "training": "--batch-size", "evaluation": None,
+                "frozen prefix": "--cache-frozen off", "probe": None, "features": None, "test": None}
 
 
 def oom_message(batch_size, stage, caches_resident):
-    """The one line every out-of-memory error of a run ends with: the stage it happened in (a key of
+    """The one line every out-of-memory error of a run ends with: the step it happened in (a key of
     OOM_REMEDIES) and what to try, --gpu-cache off first when decode caches sit in GPU memory."""
-    tries = ["--gpu-cache off (decode caches in host memory, same results)"] if caches_resident else []
+    tries = [GPU_CACHE_OFF] if caches_resident else []
     remedy = OOM_REMEDIES[stage]
     if remedy == "--batch-size":
         tries.append(f"--batch-size {max(2, batch_size // 2)}")
-    elif remedy:
+    elif remedy and remedy not in tries:
         tries.append(remedy)
-    line = f"out of GPU memory in the {stage} stage"
+    line = f"out of GPU memory in the {stage} stage" if stage != "decode caches" else \
+        "out of GPU memory while placing the decode caches on the GPU"
     if stage == "training":
         line += f" with --batch-size {batch_size}"
     if not tries:

@@ -31,7 +31,6 @@ Rules:
   trained, not at an equal fraction of their schedules. Scores per rung are kept in
   halving.json, so a rerun replays the same decisions instead of training again.
 """
-import contextlib
 import csv
 import io
 import itertools
@@ -39,17 +38,15 @@ import math
 import os
 import re
 import sys
-import time
-import traceback
 from pathlib import Path
 
-from . import devices
-from . import identity
+from . import hardware, identity, processes
 from .data import read_data, scan_split
 from .errors import fail
 from .nets import parse_unfreeze
 from .options import check_config, default_run_name, run_dir_of, scratch_rules
-from .records import FolderBusy, FolderLock, atomic_write, load_json, write_hparams, write_json
+from .pool import Pool, lock_folder, make_pool
+from .records import atomic_write, load_json, write_hparams, write_json
 
 # Options a grid may vary (option names with underscores).
 GRID_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "unfreeze", "img_size", "crop_mode", "backbone_lr_ratio",
@@ -112,12 +109,14 @@ def grid_axes(grid, explicit=(), from_spec=False):
     return axes
 
 
-def grid_trials(base, axes, explicit=()):
-    """One checked config per combination, in grid order (the first axis varies slowest)."""
+def grid_trials(base, axes):
+    """One checked config per combination, in grid order (the first axis varies slowest). A trial's
+    axes count as given on its command line: a scratch recipe fills only what neither sets."""
     trials = []
     for combo in itertools.product(*axes.values()):
         c = dict(base, **dict(zip(axes, combo)))
-        scratch_rules(c, unfreeze_given="unfreeze" in axes or "unfreeze" in explicit)  # as a single run
+        c["explicit"] = sorted(set(base.get("explicit", ())) | set(axes))
+        scratch_rules(c, unfreeze_given="unfreeze" in c["explicit"])  # as a single run
         check_config(c)
         parse_unfreeze(c["unfreeze"], c["arch"])
         if not c["val_fraction"] > 0:
@@ -143,26 +142,26 @@ def place(c, out, script, group, name):
     return dict(c, **SINGLE_RUN_ONLY, out=out, script=f"{script}/{group}", name=name)
 
 
-def expected_identity(c, processes):
-    """The identity a run of config c would have here: its data now, and how this process computes it."""
-    _, world, local_rank = devices.torchrun_env()
-    device = devices.pick_device(c["device"], local_rank, world)
-    precision = devices.precision_name(devices.resolve_precision(c["precision"], device, warn=False))
-    return {"data": read_data(c)[2],
-            "compute": identity.compute_identity(processes, c["batch_size"], precision, device.type)}
+def expected_identity(c, world):
+    """The identity a run of config c would have here, trained by `world` processes: its data now,
+    how this process computes it, its weights."""
+    _, env_world, local_rank = processes.torchrun_env()
+    device = hardware.pick_device(c["device"], local_rank, env_world)
+    precision = hardware.precision_name(hardware.resolve_precision(c["precision"], device, warn=False))
+    return identity.run_identity(c, world, device.type, precision, read_data(c)[2])
 
 
-def same_run(saved, c, processes):
+def same_run(saved, c, world):
     """True when the run saved in a folder (its config.json) is the run c would be here."""
-    return isinstance(saved, dict) and not identity.differences(saved, dict(c, identity=expected_identity(c, processes)))
+    return isinstance(saved, dict) and not identity.differences(saved, dict(c, identity=expected_identity(c, world)))
 
 
-def check_run_folder(c, processes):
+def check_run_folder(c, world):
     """Stop before a finished or half-done run of other options, data or computation is reused or resumed."""
     run_dir = run_dir_of(c)
     saved = load_json(run_dir / "config.json")
     if isinstance(saved, dict):
-        identity.check_same_run(saved, dict(c, identity=expected_identity(c, processes)),
+        identity.check_same_run(saved, dict(c, identity=expected_identity(c, world)),
                                 f"{run_dir} holds a run with other options or data",
                                 f"pass --name NEW for a new folder, or remove {run_dir.parent}")
 
@@ -170,150 +169,24 @@ def check_run_folder(c, processes):
 # --------------------------------------------------------------------------------------------
 # Trials: fit() with failures recorded; rows of the results table.
 # --------------------------------------------------------------------------------------------
-def error_text(e):
-    """One line for the table: fit()'s own message, or the exception's type and first line."""
-    if isinstance(e, SystemExit):
-        return str(e.code).removeprefix("error: ").strip() or "SystemExit"
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-def run_trial(fit, t, stop_after=None, writes=True):
-    """fit(t) that records a failure (an exception, out of memory) instead of ending the grid -> its row.
-    writes: this process writes the trial's folder (rank 0 of a DDP trial; any process in trials mode)."""
-    run_dir = run_dir_of(t)
-    try:
-        m, msg = fit(t, stop_after=stop_after), None
-    except (Exception, SystemExit) as e:  # KeyboardInterrupt still stops everything
-        m, msg = None, error_text(e)
-        if not isinstance(e, SystemExit):
-            traceback.print_exc()
-    if msg is not None:
-        print(f"trial {t['name']} failed: {msg}", file=sys.stderr, flush=True)
-        devices.free_cached_memory()  # outside the except block, so the failed trial's tensors can go
-        if writes:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "error.json", {"error": msg, "stop_after": stop_after})
-        return row_of(t, None, "failed", error=msg)
-    if writes:
-        (run_dir / "error.json").unlink(missing_ok=True)
-    if "test_top1" not in m:
-        return row_of(t, m, f"stopped at epoch {m['stopped_at']}", val=m["best_val_top1"])
-    return row_of(t, m, "done")
-
-
 def is_writer():
-    """Under torchrun only rank 0 writes the tables."""
+    """Under torchrun only rank 0 writes the tables and prints the grid's lines."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
-# --------------------------------------------------------------------------------------------
-# Who trains which trial: every process each trial together, or each process its own trials.
-# --------------------------------------------------------------------------------------------
-class Pool:
-    """One process, or --parallel ddp: every process trains each trial in turn, together (DDP).
-
-    --parallel trials under torchrun: each process takes the next unclaimed trial of a phase from a
-    ticket counter (an atomic add in the key-value store torchrun's group already has), trains it
-    alone, exactly as one process would, and takes the next. At the end of a phase every process
-    meets the others and they share their rows, so all of them decide what comes next (the
-    halving cuts, the winner) from the same numbers. A restart (torchrun --max-restarts) counts
-    tickets afresh; the run folders say what is finished (reused) and what is half done (resumed).
-    """
-
-    def __init__(self, mode, rank, world, key, group):
-        self.mode, self.rank, self.world, self.key, self.group = mode, rank, world, key, group
-        self.phase = 0
-
-    @property
-    def shares_trials(self):
-        return self.mode == "trials" and self.world > 1
-
-    @property
-    def processes_per_trial(self):
-        return 1 if self.mode == "trials" else self.world
-
-    def as_trial(self):
-        """The block in which this process acts as a trial will run: alone in trials mode."""
-        return devices.alone() if self.mode == "trials" else contextlib.nullcontext()
-
-    def agreed(self):
-        """A block whose failure on any process fails on every process (no collective inside)."""
-        return devices.on_every_rank(self.world)
-
-    def share(self, obj):
-        """Rank 0's value on every process."""
-        return devices.broadcast(obj)
-
-    def train(self, fit, trials, stop_after=None, after=None, announce=None):
-        """run_trial for each trial -> {name: row}, the same on every process. after(name, row): called
-        as each row comes in where one process sees every row (one process, ddp); announce(t, i): the
-        line printed as trial i starts."""
-        if not self.shares_trials:
-            rows = {}
-            for i, t in enumerate(trials):
-                if announce is not None:
-                    print(announce(t, i), flush=True)
-                with self.as_trial():
-                    rows[t["name"]] = run_trial(fit, t, stop_after, writes=self.rank == 0)
-                if after is not None:
-                    after(t["name"], rows[t["name"]])
-            return rows
-        return self.share_out(fit, trials, stop_after, announce)
-
-    def share_out(self, fit, trials, stop_after, announce):
-        store, key = devices.group_store(), f"{self.key}/phase{self.phase}"
-        self.phase += 1
-        mine = {}
-        while True:
-            i = store.add(f"{key}/taken", 1) - 1
-            if i >= len(trials):
-                break
-            t = trials[i]
-            done = store.add(f"{key}/finished", 0)
-            taken = min(store.add(f"{key}/taken", 0), len(trials))
-            said = announce(t, i) if announce is not None else f"{self.group}: trial {t['name']}"
-            print(f"{said}: process {self.rank} takes it; {done} finished, {taken - done} running, "
-                  f"{len(trials) - taken} pending", flush=True)
-            with self.as_trial():
-                mine[t["name"]] = run_trial(fit, t, stop_after, writes=True)
-            store.add(f"{key}/finished", 1)
-        # meet without a collective's timeout: a trial can take hours, and idle processes wait for it
-        store.add(f"{key}/idle", 1)
-        while store.add(f"{key}/idle", 0) < self.world:
-            time.sleep(0.2)
-        parts = devices.gather_lists([mine])
-        return {t["name"]: next(p[t["name"]] for p in parts if t["name"] in p) for t in trials}
+def say(line, err=False):
+    """A line of the grid or comparison, printed once whatever the processes (by rank 0)."""
+    if is_writer():
+        print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def make_pool(config, group, root):
-    """The Pool of this command: under torchrun, --parallel trials (the default) or ddp, with its
-    process group started; one process otherwise."""
-    rank, world, local_rank = devices.torchrun_env()
-    if not devices.launched_by_torchrun():
-        return Pool(None, 0, 1, "", group)
-    mode = config["parallel"] or "trials"
-    if mode == "trials":
-        threads = devices.start_trials_group()
-        if rank == 0:
-            print(f"{group}: {world} processes train whole trials side by side (--parallel trials), "
-                  f"{threads} thread(s) each", flush=True)
-    else:
-        devices.init_distributed(devices.pick_device(config["device"], local_rank, world), world)
-    return Pool(mode, rank, world, f"grid/{root.resolve()}", group)
-
-
-def lock_folder(pool, root):
-    """The grid's or comparison's folder, held by this command as a whole (rank 0 for all of its
-    processes); a second command on it stops at once, naming the holder."""
-    lock = FolderLock(root)
-    with pool.agreed():
-        if pool.rank == 0:
-            try:
-                lock.acquire()
-            except FolderBusy as e:
-                fail(str(e))
-    return lock
+def trial_row(t, m, error):
+    """The row of a trial that pool.run_trial ran: failed, stopped at a halving rung, or done."""
+    if error is not None:
+        return row_of(t, None, "failed", error=error)
+    if "test_top1" not in m:
+        return row_of(t, m, f"stopped at epoch {m['stopped_at']}", val=m["best_val_top1"])
+    return row_of(t, m, "done")
 
 
 def row_of(t, m, status, error="", val=None):
@@ -381,11 +254,8 @@ def successive_halving(fit, trials, first, rows, root, pool):
                 write_json(path, {"first": first, "scores": scores})
                 write_results(root, rows.values())
 
-        got = pool.train(fit, todo, stop_after=rung, after=record,
-                         announce=lambda t, i, rung=rung: f"halving: {t['name']} to epoch {min(rung, t['epochs'])}")
-        for name, row in got.items():
-            if name not in trained:
-                record(name, row)
+        pool.train(fit, todo, trial_row, stop_after=rung, after=record,
+                   announce=lambda t, i, rung=rung: f"halving: {t['name']} to epoch {min(rung, t['epochs'])}")
         ranked = sorted((t for t in alive if t["name"] in at), key=lambda t: (-score(at[t["name"]]), order[t["name"]]))
         keep = (len(ranked) + 1) // 2
         for t in ranked[keep:]:
@@ -395,7 +265,7 @@ def successive_halving(fit, trials, first, rows, root, pool):
                 if name in trained and is_writer():
                     write_cut_hparams(t, at[name])
         alive = ranked[:keep]
-        print(f"halving: rung {rung} epochs, kept {', '.join(t['name'] for t in alive)}", flush=True)
+        say(f"halving: rung {rung} epochs, kept {', '.join(t['name'] for t in alive)}")
         rung *= 2
     return alive, trained
 
@@ -407,26 +277,6 @@ def write_cut_hparams(t, val_top1):
     writer = SummaryWriter(str(run_dir_of(t)))
     write_hparams(writer, t, {"hparam/best_val_top1": val_top1})
     writer.close()
-
-
-def halving_epochs(epochs_per_trial, first, longest_survive=True):
-    """Epochs a grid trains -> (with successive halving from `first` epochs, without).
-
-    Follows successive_halving()'s rule. Which trials survive is decided on validation; when
-    the trials' epochs differ, the longest ones are taken to survive (the most halving can
-    cost), or with longest_survive=False the shortest ones (the least). Equal epochs: exact.
-    """
-    without = sum(epochs_per_trial)
-    if first < 1:
-        return without, without
-    alive = sorted(epochs_per_trial, reverse=longest_survive)
-    total, rung = 0, first
-    while len(alive) > 1 and rung < max(alive):
-        keep = (len(alive) + 1) // 2
-        total += sum(min(rung, e) for e in alive[keep:])  # cut here, after min(rung, own) epochs
-        alive = alive[:keep]
-        rung *= 2
-    return total + sum(alive), without  # the survivors train to their own end
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +321,7 @@ def write_results(root, rows):
 # --------------------------------------------------------------------------------------------
 # Entry points.
 # --------------------------------------------------------------------------------------------
-def run_grid(fit, config, grid, explicit=(), from_spec=False, pool=None):
+def run_grid(fit, config, grid, from_spec=False, pool=None):
     """Every trial in OUT/<script>/<group>/<trial>/, ranked on validation, resumable.
 
     -> (ranked rows, {trial name: trial config}), the same on every process.
@@ -479,8 +329,8 @@ def run_grid(fit, config, grid, explicit=(), from_spec=False, pool=None):
     pool = pool or Pool(None, 0, 1, "", config["name"] or "grid")
     group = config["name"] or "grid"
     root = Path(config["out"]) / config["script"] / group
-    axes = grid_axes(grid, explicit, from_spec)
-    trials = grid_trials(config, axes, explicit)
+    axes = grid_axes(grid, config.get("explicit", ()), from_spec)
+    trials = grid_trials(config, axes)
     varied = [k for k in axes if len({str(t[k]) for t in trials}) > 1]
     trials = [place(t, config["out"], config["script"], group, trial_name(t, varied)) for t in trials]
     names = [t["name"] for t in trials]
@@ -493,13 +343,12 @@ def run_grid(fit, config, grid, explicit=(), from_spec=False, pool=None):
         if pool.rank == 0:
             with pool.as_trial():
                 for t in trials:
-                    check_run_folder(t, pool.processes_per_trial)
+                    check_run_folder(t, pool.trial_world)
             rows = {t["name"]: first_row(t) for t in trials}
             write_results(root, rows.values())
     rows = pool.share(rows)
     done = sum(r["status"] == "done" for r in rows.values())
-    print(f"{group}: {len(trials)} trials in {root}; {done} finished earlier (reused), {len(trials) - done} to run",
-          flush=True)
+    say(f"{group}: {len(trials)} trials in {root}; {done} finished earlier (reused), {len(trials) - done} to run")
     todo = [t for t in trials if rows[t["name"]]["status"] != "done"]
     trained = []
     if config["halving"] and todo:
@@ -511,25 +360,21 @@ def run_grid(fit, config, grid, explicit=(), from_spec=False, pool=None):
         trained.append(name)
         write_results(root, rows.values())
 
-    got = pool.train(fit, todo, after=record,
-                     announce=lambda t, i: f"{group}: trial {t['name']} ({names.index(t['name']) + 1}/{len(trials)})")
-    for name, row in got.items():
-        rows[name] = row
-        trained.append(name)
+    pool.train(fit, todo, trial_row, after=record,
+               announce=lambda t, i: f"{group}: trial {t['name']} ({names.index(t['name']) + 1}/{len(trials)})")
     ranked = write_results(root, rows.values())
     trained = list(dict.fromkeys(trained))
     if trained:
-        print(f"{group}: trained {len(trained)} trial(s) in this run: {', '.join(trained)}", flush=True)
+        say(f"{group}: trained {len(trained)} trial(s) in this run: {', '.join(trained)}")
     else:
-        print(f"{group}: nothing to train, every trial had finished or was cut (results reused)", flush=True)
+        say(f"{group}: nothing to train, every trial had finished or was cut (results reused)")
     failed = [r["trial"] for r in ranked if r["status"] == "failed"]
     if failed:
-        print(f"{group}: {len(failed)} trial(s) failed (see {root / 'results.csv'}): {', '.join(failed)}",
-              file=sys.stderr, flush=True)
+        say(f"{group}: {len(failed)} trial(s) failed (see {root / 'results.csv'}): {', '.join(failed)}", err=True)
     best = next((r for r in ranked if r["status"] == "done"), None)
     if best:
-        print(f"{group} winner by validation: {best['trial']} (val top-1 {fmt(best['val_top1'])}%, "
-              f"test top-1 {fmt(best['Top@1'])}%)  -> {root / 'results.md'}", flush=True)
+        say(f"{group} winner by validation: {best['trial']} (val top-1 {fmt(best['val_top1'])}%, "
+            f"test top-1 {fmt(best['Top@1'])}%)  -> {root / 'results.md'}")
     lock.release()
     return ranked, {t["name"]: t for t in trials}
 
@@ -548,7 +393,7 @@ def grid_winner(root):
     return None
 
 
-def run_compare(fit, config, explicit=(), winner=None, pool=None):
+def run_compare(fit, config, winner=None, pool=None):
     """The pretrained network against random initialisation: same data, epochs, image size,
     batch, lr and weight decay; the random one trains every layer at one lr. Under torchrun
     (--parallel trials) the two train at the same time, one per process.
@@ -565,8 +410,8 @@ def run_compare(fit, config, explicit=(), winner=None, pool=None):
         winner = pool.share(grid_winner(grid_root) if pool.rank == 0 else None)
         pre = dict(config)
         if winner is not None:
-            pre.update({k: winner[k] for k in GRID_KEYS if k in winner and k not in explicit})
-            print(f"compare: starting from the grid winner {winner['name']} in {grid_root}", flush=True)
+            pre.update({k: winner[k] for k in GRID_KEYS if k in winner and k not in config.get("explicit", ())})
+            say(f"compare: starting from the grid winner {winner['name']} in {grid_root}")
     if pre["weights"] == "none":
         fail("--compare trains the pretrained network against random init: give --weights imagenet or PATH, not none")
     group = f"{grid_root.name}-compare" if winner is not None else (config["name"] or "compare")
@@ -581,19 +426,20 @@ def run_compare(fit, config, explicit=(), winner=None, pool=None):
             # the grid already trained exactly this network (same options, data and computation): reuse it
             with pool.as_trial():
                 reused = winner is not None and first_row(winner)["status"] == "done" and \
-                    same_run(load_json(run_dir_of(winner) / "config.json"), pre, pool.processes_per_trial)
+                    same_run(load_json(run_dir_of(winner) / "config.json"), pre, pool.trial_world)
                 if reused:
                     runs[0] = ("pretrained", winner)
                 for _, c in runs[reused:]:
                     check_config(c)
-                    check_run_folder(c, pool.processes_per_trial)
+                    check_run_folder(c, pool.trial_world)
             rows = [first_row(c) for _, c in runs]
     runs, rows, reused = pool.share((runs, rows, reused))
     if reused:
-        print(f"compare: pretrained = grid trial {run_dir_of(runs[0][1])} (finished, reused)", flush=True)
+        say(f"compare: pretrained = grid trial {run_dir_of(runs[0][1])} (finished, reused)")
     label = {c["name"]: lab for lab, c in runs}
     todo = [c for (_, c), row in zip(runs, rows) if row["status"] != "done"]
-    got = pool.train(fit, todo, announce=lambda c, i: f"compare: training {label[c['name']]} in {run_dir_of(c)}")
+    got = pool.train(fit, todo, trial_row,
+                     announce=lambda c, i: f"compare: training {label[c['name']]} in {run_dir_of(c)}")
     rows = [dict(got.get(c["name"], row), init=lab) for (lab, c), row in zip(runs, rows)]
     a, b = rows[0]["Top@1"], rows[1]["Top@1"]
     diff = None if a is None or b is None else a - b
@@ -610,10 +456,9 @@ def run_compare(fit, config, explicit=(), winner=None, pool=None):
     return rows, diff
 
 
-def run(config, grid, explicit, fit):
-    """--grid / --grid-spec / --compare, as common.main() received them (explicit: option dests given;
-    fit(config, stop_after=None) trains one run and returns its metrics)."""
-    explicit = set(explicit)
+def run(config, grid, fit):
+    """--grid / --grid-spec / --compare, as common.main() received them (fit(config, stop_after=None)
+    trains one run and returns its metrics)."""
     if config["halving"] < 0:
         fail(f"--halving must be >= 0 (got {config['halving']})")
     is_grid = bool(config["grid"] or config["grid_spec"])
@@ -623,17 +468,17 @@ def run(config, grid, explicit, fit):
         fail("--resume PATH continues one run; a grid or a comparison resumes its own runs: rerun the same command")
     scan_split(config["data"])  # a missing or empty data folder stops here, before anything is written
     group = config["name"] or ("grid" if is_grid else "compare")
-    pool = make_pool(config, group, Path(config["out"]) / config["script"] / group)
+    pool = make_pool(config, group)
     if not is_grid:
-        return run_compare(fit, config, explicit, pool=pool)[0]
+        return run_compare(fit, config, pool=pool)[0]
     axes = parse_grid_spec(config["grid_spec"]) if config["grid_spec"] else grid
     if not axes:
         fail("this script has no GRID; give one with --grid-spec")
-    ranked, trials = run_grid(fit, config, axes, explicit, from_spec=bool(config["grid_spec"]), pool=pool)
+    ranked, trials = run_grid(fit, config, axes, from_spec=bool(config["grid_spec"]), pool=pool)
     winner = next((r for r in ranked if r["status"] == "done"), None)
     if winner is None:
         fail(f"no grid trial finished; see {Path(config['out']) / config['script'] / (config['name'] or 'grid')}"
              f"/results.csv")
     if config["compare"]:
-        run_compare(fit, config, explicit, winner=trials[winner["trial"]], pool=pool)
+        run_compare(fit, config, winner=trials[winner["trial"]], pool=pool)
     return ranked

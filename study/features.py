@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import StochasticDepth
 
-from .devices import autocast
+from .hardware import autocast
 from .nets import forward_sequence, make_preprocess, preprocess_dict, set_train_mode
 from .pipeline import to_device
 from .records import load_checkpoint, save_checkpoint
@@ -96,10 +96,10 @@ def outputs_of(part, batches, n, device, dtype, as_float=False):
     return out, labels
 
 
-def output_bytes(part, side, n, device, dtype, channels=3):
+def output_bytes(part, side, n, device, dtype):
     """Bytes the part's outputs for n images of side x side px take (one blank image measures it)."""
     with torch.no_grad(), autocast(device, dtype):
-        one = part.eval()(torch.zeros(1, channels, side, side, device=device))
+        one = part.eval()(torch.zeros(1, 3, side, side, device=device))
     return n * one.numel() * one.element_size(), one
 
 
@@ -111,7 +111,6 @@ class CachedBatches:
         if len(outputs) != len(loader.samples):
             raise ValueError(f"{len(outputs)} cached outputs for {len(loader.samples)} samples")
         self.loader, self.outputs = loader, outputs
-        self.samples = loader.samples
         self.labels = loader.labels.to(outputs.device)
 
     def __len__(self):

@@ -21,7 +21,6 @@ import matplotlib
 if "matplotlib.pyplot" not in sys.modules:  # never switch the backend under a notebook that chose one
     matplotlib.use("Agg")
 import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
@@ -34,7 +33,7 @@ RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
 # --------------------------------------------------------------------------------------------
-# Output: PNG / SVG bytes, or an image array for TensorBoard.
+# Output: PNG / SVG bytes.
 # --------------------------------------------------------------------------------------------
 def inches(x):
     """Figure sizes in quarter inches: exact in binary, so the PNG is exactly inches x DPI pixels."""
@@ -51,14 +50,6 @@ def svg_bytes(fig):
     buf = io.BytesIO()
     fig.savefig(buf, format="svg")
     return buf.getvalue()
-
-
-def figure_to_array(fig, dpi=DPI):
-    """-> H x W x 3 uint8, the PNG's pixels: writer.add_image(tag, a, step, dataformats="HWC")."""
-    fig.set_dpi(dpi)
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,10 +84,15 @@ def most_confused(confusion, classes, n=20):
     return [(classes[t], classes[p], count, 100.0 * count / totals[t]) for count, t, p in cells[:n]]
 
 
+def markdown_table(columns, rows):
+    """Lines of a markdown table: the header, the rule, a line per row of cells ('|' in a cell becomes '/')."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join(str(v).replace("|", "/") for v in row) + " |" for row in rows]
+
+
 def confused_pairs_markdown(pairs):
-    lines = ["| true class | predicted as | test images | share of the true class % |", "|---|---|---|---|"]
-    lines += [f"| {t} | {p} | {c} | {s:.1f} |" for t, p, c, s in pairs]
-    return "\n".join(lines)
+    return "\n".join(markdown_table(("true class", "predicted as", "test images", "share of the true class %"),
+                                    [(t, p, c, f"{s:.1f}") for t, p, c, s in pairs]))
 
 
 def per_class_markdown(classes, per_class_pct):
@@ -105,11 +101,8 @@ def per_class_markdown(classes, per_class_pct):
     if isinstance(per_class_pct, dict):
         per_class_pct = [per_class_pct.get(c) for c in classes]
     order = sorted(range(len(classes)), key=lambda i: (per_class_pct[i] is None, per_class_pct[i] or 0.0, i))
-    lines = ["| class | test accuracy % |", "|---|---|"]
-    for i in order:
-        a = per_class_pct[i]
-        lines.append(f"| {classes[i]} | {'-' if a is None else f'{a:.1f}'} |")
-    return "\n".join(lines)
+    rows = [(classes[i], "-" if per_class_pct[i] is None else f"{per_class_pct[i]:.1f}") for i in order]
+    return "\n".join(markdown_table(("class", "test accuracy %"), rows))
 
 
 def confusion_figure(confusion, classes, title=None):
@@ -324,12 +317,8 @@ def grid_figure(trials, keys, title=""):
             status[r][c] = t.get("status", "done")
         if t.get("winner"):
             winner = (r, c)
-    def label(r, c):
-        v = cells[r][c]
-        if v is None:
-            return "-"
-        return f"{v:.2f}" if status[r][c] in (None, "done") else f"{v:.2f}\n{status[r][c]}"
-
+    labels = [["-" if v is None else f"{v:.2f}" + ("" if st in (None, "done") else f"\n{st}") for v, st in zip(vs, sts)]
+              for vs, sts in zip(cells, status)]
     fig = Figure(figsize=(inches(max(5.5, 1.1 * len(cols) + 3.5)), inches(max(3.75, 0.6 * len(rows) + 2.4))),
                  dpi=DPI)
     ax = fig.add_subplot()
@@ -340,7 +329,7 @@ def grid_figure(trials, keys, title=""):
         for r in range(len(rows)):
             for c in range(len(cols)):
                 v = cells[r][c]
-                ax.text(c, r, label(r, c), ha="center", va="center", fontsize=9,
+                ax.text(c, r, labels[r][c], ha="center", va="center", fontsize=9,
                         color="black" if v is None or v >= np.nanmean(a) else "white")
         if winner:
             ax.add_patch(Rectangle((winner[1] - 0.5, winner[0] - 0.5), 1, 1, fill=False, edgecolor="red",
@@ -355,7 +344,7 @@ def grid_figure(trials, keys, title=""):
         colors = ["red" if winner and winner[0] == r else PRETRAINED_COLOR for r in range(len(rows))]
         ax.bar(range(len(rows)), heights, color=colors)
         for r, h in enumerate(heights):
-            ax.text(r, 0 if math.isnan(h) else h, label(r, 0), ha="center", va="bottom", fontsize=8)
+            ax.text(r, 0 if math.isnan(h) else h, labels[r][0], ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(rows)), labels=[fmt_value(v) for v in rows])
         ax.set(xlabel=keys[0], ylabel="validation top-1 (%)")
         ax.grid(axis="y", alpha=0.3)

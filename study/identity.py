@@ -7,15 +7,42 @@ device type. They are recorded as the config's "identity" entry (data.data_ident
 folder and --compare's reuse of a grid winner refuse a run whose identity differs, naming what
 differs (`check_same_run`); report.py keeps runs of different splits in different tables.
 """
+import hashlib
+from pathlib import Path
+
 from .errors import fail
 from .options import describe_differences, differing_options
 
 
+def run_identity(config, world, device_type, precision, data_id):
+    """The config's "identity" entry: the data it sees (data.data_identity), how it computes, and
+    its weights file's bytes."""
+    return {"data": data_id, "compute": compute_identity(world, config["batch_size"], precision, device_type),
+            "weights": weights_identity(config["weights"])}
+
+
 def compute_identity(processes, batch_size, precision, device_type):
     """How a run computes: processes, global batch (images per optimizer step over all processes),
-    the resolved precision and the device type."""
+    the resolved precision, the device type and the augmentation's renderer, which follows it (PIL
+    on the CPU, tensor ops on a GPU: they differ in antialiasing and interpolation)."""
     return {"processes": processes, "global_batch": batch_size * processes, "precision": precision,
-            "device_type": device_type}
+            "device_type": device_type, "render": render_path(device_type)}
+
+
+def render_path(device_type):
+    return "tensor ops" if device_type == "cuda" else "PIL"
+
+
+def weights_identity(weights):
+    """imagenet, none, or 'sha256:...' of a weights file: a file replaced under the same name is
+    other weights."""
+    if weights in ("imagenet", "none"):
+        return weights
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def batch_label(per_process, processes):
@@ -60,9 +87,8 @@ def data_differences(there, now):
     return out
 
 
-def compute_differences(there, now, precision_option):
-    """[line] for process count, global batch, precision and device type. Another device type is
-    accepted when --precision names the recorded precision explicitly (not auto)."""
+def compute_differences(there, now):
+    """[line] for process count, global batch, precision, device type and renderer."""
     if there is None:
         return ["how it was computed was not recorded (a run from before process and precision records)"]
     out = []
@@ -71,23 +97,35 @@ def compute_differences(there, now, precision_option):
                    f"{now['processes']} now (global batch {now['global_batch']})")
     if there["precision"] != now["precision"]:
         out.append(f"precision {there['precision']} there, {now['precision']} now")
-    elif there["device_type"] != now["device_type"] and precision_option != there["precision"]:
-        out.append(f"device {there['device_type']} there, {now['device_type']} now (pass --precision "
-                   f"{there['precision']} to continue it there)")
+    if there["device_type"] != now["device_type"]:
+        out.append(f"device {there['device_type']} there, {now['device_type']} now (its augmentation rendered by "
+                   f"{render_path(there['device_type'])} there, {now['render']} now)")
     return out
+
+
+def weights_differences(saved, config):
+    """[line] when the weights differ: by their bytes where recorded, else by the option's value."""
+    there, now = (saved.get("identity") or {}).get("weights"), (config.get("identity") or {}).get("weights")
+    if there is not None and now is not None:
+        return [] if there == now else [f"--weights {saved.get('weights')} there holds other weights than "
+                                        f"{config.get('weights')} now"]
+    a, b = saved.get("weights"), config.get("weights")
+    resolved = lambda w: w if w in ("imagenet", "none", None) else str(Path(w).resolve())
+    return [] if resolved(a) == resolved(b) else [f"--weights {a} there, {b} now"]
 
 
 def differences(saved, config):
     """Every way the run in `saved` (a config with its identity) differs from `config` as it would
-    run now (its "identity" entry holds what is known of it now): options, then data, then
+    run now (its "identity" entry holds what is known of it now): options, weights, then data, then
     computation. -> [line]; [] when it is the same run."""
     diff = differing_options(saved, config)
     out = [describe_differences(diff)] if diff else []
+    out += weights_differences(saved, config)
     there, now = saved.get("identity") or {}, config.get("identity") or {}
     if "data" in now:
         out += data_differences(there.get("data"), now["data"])
     if "compute" in now:
-        out += compute_differences(there.get("compute"), now["compute"], config.get("precision"))
+        out += compute_differences(there.get("compute"), now["compute"])
     return out
 
 

@@ -26,11 +26,14 @@ SCRATCH_RECIPES = {
                   erasing=0.0, ema=0.0, auto_augment="none", tta="none"),
 }
 # Options that cannot change a run's results: a resumed or reused run may differ in these.
-EXEMPT = ("resume", "workers", "device", "cache_dir", "gpu_cache", "compile", "deterministic", "out", "name",
-          "script", "grid", "grid_spec", "halving", "compare", "parallel", "explicit", "scratch_filled")
+# (--compile and --deterministic change the kernels and so the numbers: not exempt; --cache-frozen is
+# bit-identical by test.)
+EXEMPT = ("resume", "workers", "device", "cache_dir", "gpu_cache", "cache_frozen", "out", "name", "script", "grid",
+          "grid_spec", "halving", "compare", "parallel", "explicit", "scratch_filled")
 # Compared by what they resolve to (identity.py): --precision auto may mean bf16 on one machine and
-# fp32 on another; "identity" is the record itself, not an option.
-RESOLVED = ("precision", "identity")
+# fp32 on another; --data by the files it holds (a copied data set is the same data); --weights by
+# the bytes of its file; "identity" is the record itself, not an option.
+RESOLVED = ("precision", "identity", "data", "weights")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
 # Runs older than --scratch-recipe trained without its options (optimizer None: AdamW, as pretrained runs now).
 LEGACY = {"crop_mode": "center", "split_seed": None, "scratch_recipe": "tuned", "optimizer": None,
@@ -294,19 +297,13 @@ def run_dir_of(c):
 
 def differing_options(saved, c):
     """[(option, value there, value now)] for every option that may change results (all but EXEMPT,
-    and RESOLVED, which identity.py compares) whose value differs between a run's saved config and
-    c. Paths are compared resolved."""
-    def norm(k, v):
-        if v is not None and (k == "data" or (k == "weights" and v not in ("imagenet", "none"))):
-            return str(Path(v).resolve())
-        return v
-
+    and RESOLVED, which identity.py compares) whose value differs between a run's saved config and c."""
     keys = sorted((set(saved) | set(c)) - set(EXEMPT) - set(RESOLVED))
     missing = object()
     out = []
     for k in keys:
         there = saved.get(k, LEGACY.get(k, missing))
-        if norm(k, there) != norm(k, c.get(k, missing)):
+        if there != c.get(k, missing):
             out.append((k, "(not recorded)" if there in (None, missing) else there, c.get(k)))
     return out
 

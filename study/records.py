@@ -101,8 +101,9 @@ def load_checkpoint(path, keys=()):
     return obj
 
 
-class FolderBusy(RuntimeError):
-    """Another live process holds the folder's lock; the message names the folder and the holder."""
+class FolderBusy(SystemExit):
+    """Another live process holds the folder's lock: the one-line error (errors.fail's kind) that
+    names the folder and the holder."""
 
 
 class FolderLock:
@@ -125,17 +126,22 @@ class FolderLock:
             return self
         self.made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]  # deepest first
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
+        path = self.folder / self.NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
                 os.close(fd)
-                raise
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise FolderBusy(f"{self.folder} is in use by {holder}; wait for it to end, or pass --name NEW "
-                             f"for another folder") from None
+                raise FolderBusy(f"error: {self.folder} is in use by {holder}; wait for it to end, or pass "
+                                 f"--name NEW for another folder") from None
+            if same_file(fd, path):
+                break
+            os.close(fd)  # its holder removed the file as we opened it (release): lock the new one
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
@@ -161,6 +167,14 @@ class FolderLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def same_file(fd, path):
+    """Whether the open file fd is still the file at path (not removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def plain_state_dict(state):

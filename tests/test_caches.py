@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import common
+from study import options
 from study import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +28,10 @@ def six_classes(tmp_path_factory):
 def head_config(data, out, seed):
     defaults = dict(arch="efficientnet_lite0", batch_size=8, epochs=2, scratch_epochs=2, lr=1e-3,
                     weight_decay=1e-4, unfreeze="head", augment="none")
-    args = common.get_args_parser(defaults).parse_args(
+    args = options.get_args_parser(defaults).parse_args(
         ["--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "32", "--workers", "0",
          "--precision", "fp32", "--unfreeze", "head", "--seed", str(seed), "--name", f"seed{seed}", "--cache-dir", str(out / "cache")])
-    return common.resolve_config(args, defaults, "main_test")
+    return options.resolve_config(args, defaults, "main_test")
 
 
 def test_random_weights_of_two_seeds_get_two_feature_files_and_two_results(six_classes, tmp_path):
@@ -58,9 +59,9 @@ def test_random_weights_of_two_seeds_get_two_feature_files_and_two_results(six_c
 BUILD = """
 import json, sys
 sys.path.insert(0, {root!r})
-from study import pipeline
+from study import decode_cache, pipeline
 paths = json.load(open({paths!r}))
-pipeline.load_or_build_cache(paths, pipeline.cache_geometry(pipeline.Preprocess(crop={side}, resize={side},
+decode_cache.load_or_build_cache(paths, decode_cache.cache_geometry(pipeline.Preprocess(crop={side}, resize={side},
     mean=(0.5,) * 3, std=(0.5,) * 3), augmented=False), {cache!r})
 print("built", flush=True)
 """
@@ -165,16 +166,16 @@ def test_a_decoding_process_that_dies_ends_the_build_in_one_line(six_classes, tm
 
 
 # --------------------------------------------------------------------------------------------
-# Loader workers under every start method
+# Loader workers under every start method Python may default to
 # --------------------------------------------------------------------------------------------
-def real_loader(data, cache, start_method, train=True, workers=2):
+def real_loader(data, cache, workers=2):
     import torch
 
     samples = [(str(p), i // 6) for i, p in enumerate(sorted(data.glob("train/*/*.jpg")))]
     pre = pipeline.Preprocess(crop=48, resize=55, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    return pipeline.build_loader(samples, train=train, preprocess=pre, augment="seed", seed_recipe="resnet18",
+    return pipeline.build_loader(samples, train=True, preprocess=pre, augment="seed", seed_recipe="resnet18",
                                  batch_size=8, workers=workers, device=torch.device("cpu"), seed=3,
-                                 cache_dir=str(cache), progress=False, on_device=False, start_method=start_method)
+                                 cache_dir=str(cache), progress=False, on_device=False)
 
 
 def all_batches(loader, epochs=(0, 1)):
@@ -186,11 +187,21 @@ def all_batches(loader, epochs=(0, 1)):
 
 
 def test_a_loader_under_spawn_gives_the_batches_of_fork(six_classes, tmp_path):
-    """spawn stands for forkserver too: both pickle what a worker receives (each spawned worker
-    imports torch, seconds on a small shared CPU, so one of the two is tested)."""
+    """The loader's workers start by Python's default method: fork on Linux before 3.14, forkserver
+    from 3.14, spawn on macOS. spawn stands for forkserver too: both pickle what a worker receives
+    (each spawned worker imports torch, seconds on a small shared CPU, so one of the two is tested)."""
+    import multiprocessing
+
     import torch
 
-    got = {m: all_batches(real_loader(six_classes, tmp_path / "cache", m)) for m in ("fork", "spawn")}
+    was = multiprocessing.get_start_method(allow_none=True)
+    got = {}
+    try:
+        for method in ("fork", "spawn"):
+            multiprocessing.set_start_method(method, force=True)
+            got[method] = all_batches(real_loader(six_classes, tmp_path / "cache"))
+    finally:
+        multiprocessing.set_start_method(was, force=True)
     assert len(got["fork"]) == len(got["spawn"]) == 2 * 5  # 36 images per epoch, batch 8
     for (x, y), (x2, y2) in zip(got["fork"], got["spawn"]):
         assert torch.equal(x, x2) and torch.equal(y, y2)
@@ -199,11 +210,12 @@ def test_a_loader_under_spawn_gives_the_batches_of_fork(six_classes, tmp_path):
 def test_a_worker_receives_the_cache_path_not_its_bytes(six_classes, tmp_path):
     from multiprocessing.reduction import ForkingPickler
 
-    loader = real_loader(six_classes, tmp_path / "cache", None, workers=0)
+    loader = real_loader(six_classes, tmp_path / "cache", workers=0)
     assert loader.images.nbytes > 300_000 and isinstance(loader.images, np.memmap)
     sent = bytes(ForkingPickler.dumps(loader._loader.dataset))  # what DataLoader hands each worker
     assert len(sent) < 2_000
-    assert str(loader.cache_path).encode() in sent
+    (cache_file,) = (tmp_path / "cache").glob("*.npy")
+    assert str(cache_file).encode() in sent
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,16 +8,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-import common
+from study import data, experiments, loop, nets, options
 
-ARCH_NAMES = list(common.ARCHS)
+ARCH_NAMES = list(nets.ARCHS)
 
 
 @pytest.fixture(scope="module")
-def nets():
+def built():
     """One randomly initialised network per architecture, 7 classes (built once: B4 and R101 are big)."""
     torch.manual_seed(0)
-    return {a: common.build_model(a, 7, "none") for a in ARCH_NAMES}
+    return {a: nets.build_model(a, 7, "none") for a in ARCH_NAMES}
 
 
 def trained_modules(model, names):
@@ -38,18 +38,18 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("arch,spec", list(EXPECTED))
-def test_unfreeze_trains_exactly_the_named_part(nets, arch, spec):
-    model = copy.deepcopy(nets[arch])
-    names = common.freeze(model, arch, common.parse_unfreeze(spec, arch))
+def test_unfreeze_trains_exactly_the_named_part(built, arch, spec):
+    model = copy.deepcopy(built[arch])
+    names = nets.freeze(model, arch, nets.parse_unfreeze(spec, arch))
     assert trained_modules(model, names) == EXPECTED[(arch, spec)]
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert set(names).isdisjoint(frozen) and len(names) + len(frozen) == len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_all_trains_everything_and_head_has_class_count_outputs(nets, arch):
-    model = copy.deepcopy(nets[arch])
-    names = common.freeze(model, arch, common.parse_unfreeze("all", arch))
+def test_all_trains_everything_and_head_has_class_count_outputs(built, arch):
+    model = copy.deepcopy(built[arch])
+    names = nets.freeze(model, arch, nets.parse_unfreeze("all", arch))
     assert len(names) == len(list(model.parameters()))
     model.eval()
     with torch.no_grad():
@@ -59,23 +59,23 @@ def test_all_trains_everything_and_head_has_class_count_outputs(nets, arch):
 @pytest.mark.parametrize("spec", ["layer5", "last:6", "last:x", "", "fc"])
 def test_unknown_unfreeze_lists_valid_choices(spec):
     with pytest.raises(SystemExit) as e:
-        common.parse_unfreeze(spec, "resnet18")
+        nets.parse_unfreeze(spec, "resnet18")
     assert "--unfreeze" in str(e.value)
     if spec in ("layer5", "fc"):
         assert "layer4" in str(e.value) and "last:N" in str(e.value)
 
 
 @pytest.mark.parametrize("arch,spec", [("resnet18", "last:1"), ("efficientnet_lite0", "last:3")])
-def test_frozen_parameters_and_bn_statistics_stay_bit_identical(nets, arch, spec):
+def test_frozen_parameters_and_bn_statistics_stay_bit_identical(built, arch, spec):
     torch.manual_seed(1)
-    model = copy.deepcopy(nets[arch])
-    trained = common.freeze(model, arch, common.parse_unfreeze(spec, arch))
+    model = copy.deepcopy(built[arch])
+    trained = nets.freeze(model, arch, nets.parse_unfreeze(spec, arch))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(common.param_groups(model, arch, 1e-2, 1e-2, 0.1))
-    sched = common.lr_schedule(opt, 3, 1)
+    opt = torch.optim.AdamW(nets.param_groups(model, arch, 1e-2, 1e-2, 0.1))
+    sched = loop.lr_schedule(opt, 3, 1)
     batches = [(torch.randn(4, 3, 64, 64), torch.randint(0, 7, (4,))) for _ in range(3)]
-    common.train_one_epoch(model, batches, opt, sched, nn.CrossEntropyLoss(), torch.device("cpu"), None,
-                           epoch=1, progress=False)
+    loop.train_one_epoch(model, batches, opt, sched, nn.CrossEntropyLoss(), torch.device("cpu"), None,
+                           epoch=1, show_bar=False)
     after = model.state_dict()
     trained_prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in trained)
     moved = {k for k in after if not torch.equal(before[k], after[k])}
@@ -88,33 +88,33 @@ def test_frozen_parameters_and_bn_statistics_stay_bit_identical(nets, arch, spec
     assert all(id(p) not in state_params for p in model.parameters() if not p.requires_grad)
 
 
-def test_bn_stats_frozen_keeps_every_running_statistic_while_the_trained_part_learns(nets):
+def test_bn_stats_frozen_keeps_every_running_statistic_while_the_trained_part_learns(built):
     torch.manual_seed(2)
-    model = copy.deepcopy(nets["efficientnet_lite0"])
-    common.freeze(model, "efficientnet_lite0", common.parse_unfreeze("last:3", "efficientnet_lite0"))
+    model = copy.deepcopy(built["efficientnet_lite0"])
+    nets.freeze(model, "efficientnet_lite0", nets.parse_unfreeze("last:3", "efficientnet_lite0"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(common.param_groups(model, "efficientnet_lite0", 1e-2, 0.0, 0.1))
+    opt = torch.optim.AdamW(nets.param_groups(model, "efficientnet_lite0", 1e-2, 0.0, 0.1))
     batches = [(torch.randn(4, 3, 64, 64), torch.randint(0, 7, (4,))) for _ in range(2)]
-    common.train_one_epoch(model, batches, opt, common.lr_schedule(opt, 2, 1), nn.CrossEntropyLoss(),
-                           torch.device("cpu"), None, epoch=1, progress=False, bn_stats="frozen")
+    loop.train_one_epoch(model, batches, opt, loop.lr_schedule(opt, 2, 1), nn.CrossEntropyLoss(),
+                           torch.device("cpu"), None, epoch=1, show_bar=False, bn_stats="frozen")
     after = model.state_dict()
     stats = [k for k in after if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert not torch.equal(before["features.8.1.weight"], after["features.8.1.weight"])  # BN scale still learns
 
 
-def test_set_train_mode_keeps_frozen_batchnorm_in_eval(nets):
-    model = copy.deepcopy(nets["resnet18"])
-    common.freeze(model, "resnet18", ["layer4"])
-    common.set_train_mode(model)
+def test_set_train_mode_keeps_frozen_batchnorm_in_eval(built):
+    model = copy.deepcopy(built["resnet18"])
+    nets.freeze(model, "resnet18", ["layer4"])
+    nets.set_train_mode(model)
     assert not model.bn1.training and not model.layer3[0].bn1.training
     assert model.layer4[0].bn1.training and model.training
 
 
-def test_param_groups_head_lr_backbone_ratio_and_no_decay_on_norms(nets):
-    model = copy.deepcopy(nets["resnet18"])
-    common.freeze(model, "resnet18", ["layer4"])
-    groups = common.param_groups(model, "resnet18", 1e-3, 0.05, 0.1)
+def test_param_groups_head_lr_backbone_ratio_and_no_decay_on_norms(built):
+    model = copy.deepcopy(built["resnet18"])
+    nets.freeze(model, "resnet18", ["layer4"])
+    groups = nets.param_groups(model, "resnet18", 1e-3, 0.05, 0.1)
     by = {(g["name"], g["weight_decay"] > 0): g for g in groups}
     assert by[("head", True)]["lr"] == 1e-3 and math.isclose(by[("backbone", True)]["lr"], 1e-4)
     assert by[("backbone", False)]["weight_decay"] == 0  # BN weights and biases
@@ -127,21 +127,21 @@ def test_metrics_on_a_hand_made_case():
     confusion = torch.tensor([[2, 0, 0],
                               [1, 1, 0],
                               [0, 0, 0]])
-    m = common.metrics_from_confusion(confusion, loss_sum=4.0, top5=4)
+    m = loop.metrics_from_confusion(confusion, loss_sum=4.0, top5=4)
     assert m["top1"] == pytest.approx(75.0)
     assert m["mean_class_acc"] == pytest.approx(75.0)  # (100 + 50) / 2: class 2 has no images
     assert m["per_class"] == [100.0, 50.0, None]
     assert m["loss"] == 1.0 and m["top5"] == 100.0
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
     y = torch.tensor([0, 0])
-    assert common.top5_correct(logits, y) is None  # fewer than 5 classes: top-5 means nothing
+    assert loop.top5_correct(logits, y) is None  # fewer than 5 classes: top-5 means nothing
     logits6 = torch.tensor([[6.0, 5, 4, 3, 2, 1], [1.0, 2, 3, 4, 5, 6]])
-    assert int(common.top5_correct(logits6, torch.tensor([4, 0]))) == 1  # class 0 ranks 6th in row 2
+    assert int(loop.top5_correct(logits6, torch.tensor([4, 0]))) == 1  # class 0 ranks 6th in row 2
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    s = common.lr_schedule(opt, steps_per_epoch=10, epochs=10)
+    s = loop.lr_schedule(opt, steps_per_epoch=10, epochs=10)
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
@@ -163,7 +163,7 @@ def make_tree(root, train, test):
 
 def test_class_map_comes_from_train_and_is_forced_on_test(tmp_path):
     root = make_tree(tmp_path, {"b": 2, "a": 3, "c": 1}, {"c": 1, "a": 2})  # test lacks b: fine
-    classes, train, test = common.scan_split(root)
+    classes, train, test = data.scan_split(root)
     assert classes == ["a", "b", "c"]
     assert sorted({y for _, y in test}) == [0, 2]
     assert all(Path(p).parent.name == classes[y] for p, y in train + test)
@@ -172,50 +172,50 @@ def test_class_map_comes_from_train_and_is_forced_on_test(tmp_path):
 def test_test_class_unknown_to_train_is_a_clear_error(tmp_path):
     root = make_tree(tmp_path, {"a": 2}, {"a": 1, "zebra": 1})
     with pytest.raises(SystemExit, match="unknown to train/: zebra"):
-        common.scan_split(root)
+        data.scan_split(root)
 
 
 def test_validation_carve_is_stratified_seeded_and_keeps_one_per_class():
     samples = [(f"{c}/{i}", c) for c in range(4) for i in range([2, 3, 10, 1][c])]
     classes = ["a", "b", "c", "d"]
-    train, val = common.carve_validation(samples, classes, 0.1, split_seed=3)
+    train, val = data.carve_validation(samples, classes, 0.1, split_seed=3)
     counts = {c: sum(1 for _, y in val if y == c) for c in range(4)}
     assert counts == {0: 1, 1: 1, 2: 1, 3: 0}
     assert sorted(train + val) == sorted(samples)
-    assert common.carve_validation(samples, classes, 0.1, split_seed=3) == (train, val)
-    assert common.carve_validation(samples, classes, 0.1, split_seed=4)[1] != val
-    limited = common.limit_per_class(samples, 2)
+    assert data.carve_validation(samples, classes, 0.1, split_seed=3) == (train, val)
+    assert data.carve_validation(samples, classes, 0.1, split_seed=4)[1] != val
+    limited = data.limit_per_class(samples, 2)
     assert {c: sum(1 for _, y in limited if y == c) for c in range(4)} == {0: 2, 1: 2, 2: 2, 3: 1}
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_weights_path_loads_the_backbone_bit_identical_and_reinitialises_the_head(nets, arch, tmp_path):
-    src = common.build_model(arch, 1000, "none")  # a torchvision-layout ImageNet state dict
+def test_weights_path_loads_the_backbone_bit_identical_and_reinitialises_the_head(built, arch, tmp_path):
+    src = nets.build_model(arch, 1000, "none")  # a torchvision-layout ImageNet state dict
     path = tmp_path / "w.pth"
     torch.save(src.state_dict(), path)
-    model = common.build_model(arch, 7, str(path))
+    model = nets.build_model(arch, 7, str(path))
     s, m = src.state_dict(), model.state_dict()
-    head = common.ARCHS[arch].head
+    head = nets.ARCHS[arch].head
     assert all(torch.equal(s[k], m[k]) for k in m if not k.startswith(head + "."))
     assert m[head + ".weight"].shape[0] == 7
 
 
-def test_weights_for_another_architecture_fail_clearly(nets, tmp_path):
+def test_weights_for_another_architecture_fail_clearly(built, tmp_path):
     path = tmp_path / "r18.pth"
-    torch.save(nets["resnet18"].state_dict(), path)
+    torch.save(built["resnet18"].state_dict(), path)
     with pytest.raises(SystemExit, match="does not fit resnet50"):
-        common.build_model("resnet50", 7, str(path))
+        nets.build_model("resnet50", 7, str(path))
     bad = tmp_path / "junk.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match=r"--weights .*junk.pth: not a PyTorch checkpoint"):
-        common.build_model("resnet18", 7, str(bad))
+        nets.build_model("resnet18", 7, str(bad))
 
 
-def test_own_checkpoint_keeps_its_head_when_classes_match(nets, tmp_path):
+def test_own_checkpoint_keeps_its_head_when_classes_match(built, tmp_path):
     path = tmp_path / "ck.pth"
-    torch.save({"model": nets["resnet18"].state_dict(), "classes": list("abcdefg")}, path)
-    model = common.build_model("resnet18", 7, str(path))
-    assert torch.equal(model.fc.weight, nets["resnet18"].fc.weight)
+    torch.save({"model": built["resnet18"].state_dict(), "classes": list("abcdefg")}, path)
+    model = nets.build_model("resnet18", 7, str(path))
+    assert torch.equal(model.fc.weight, built["resnet18"].fc.weight)
 
 
 def test_imagenet_download_failure_names_the_file_and_folder(monkeypatch, tmp_path):
@@ -226,34 +226,33 @@ def test_imagenet_download_failure_names_the_file_and_folder(monkeypatch, tmp_pa
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit) as e:
-        common.build_model("resnet18", 7, "imagenet")
+        nets.build_model("resnet18", 7, "imagenet")
     msg = str(e.value)
     assert "resnet18-f37072fd.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
 
 
 def test_preprocess_follows_the_weights():
-    b4 = common.make_preprocess("efficientnet_b4", None)
+    b4 = nets.make_preprocess("efficientnet_b4", None)
     assert (b4.crop, b4.resize, b4.interpolation) == (380, 384, "bicubic")
-    r = common.make_preprocess("resnet50", 64)
+    r = nets.make_preprocess("resnet50", 64)
     assert (r.crop, r.resize, r.interpolation) == (64, 73, "bilinear")  # 64 * 256 / 224
-    lite = common.make_preprocess("efficientnet_lite0", None)
+    lite = nets.make_preprocess("efficientnet_lite0", None)
     assert lite.mean == (0.498,) * 3 and lite.crop == 224 and lite.crop_mode == "center"
-    assert common.make_preprocess("resnet18", 64, "squash").crop_mode == "squash"
+    assert nets.make_preprocess("resnet18", 64, "squash").crop_mode == "squash"
 
     # the framing is part of a run's identity: its name, its checkpoint's preprocess dict
     base = dict(weights="imagenet", unfreeze="head", batch_size=64, lr=1e-3, weight_decay=1e-4, epochs=30,
                 img_size=256, limit_per_class=None)
-    assert common.default_run_name(dict(base, crop_mode="center")) == "imagenet-head-b64-lr0.001-wd0.0001-e30-256px"
-    assert common.default_run_name(dict(base, crop_mode="squash")).endswith("-256px-squash")
-    assert common.default_run_name(dict(base, crop_mode="squash", seed=1)).endswith("-256px-squash-seed1")
-    assert common.preprocess_dict(common.make_preprocess("efficientnet_lite0", 256, "squash"))["crop_mode"] == "squash"
+    assert options.default_run_name(dict(base, crop_mode="center")) == "imagenet-head-b64-lr0.001-wd0.0001-e30-256px"
+    assert options.default_run_name(dict(base, crop_mode="squash")).endswith("-256px-squash")
+    assert options.default_run_name(dict(base, crop_mode="squash", seed=1)).endswith("-256px-squash-seed1")
+    assert nets.preprocess_dict(nets.make_preprocess("efficientnet_lite0", 256, "squash"))["crop_mode"] == "squash"
 
 
 def test_grid_spec_parses_and_rejects_bad_axes():
-    from study import experiments as common  # the grid lives beside the core
-    g = common.parse_grid_spec("lr=1e-3,3e-4;batch_size=32,64;unfreeze=last:1,all")
+    g = experiments.parse_grid_spec("lr=1e-3,3e-4;batch_size=32,64;unfreeze=last:1,all")
     assert g == {"lr": [1e-3, 3e-4], "batch_size": [32, 64], "unfreeze": ["last:1", "all"]}
     with pytest.raises(SystemExit, match="bad axis"):
-        common.parse_grid_spec("colour=red")
+        experiments.parse_grid_spec("colour=red")
     with pytest.raises(SystemExit, match="not a number"):
-        common.parse_grid_spec("lr=fast")
+        experiments.parse_grid_spec("lr=fast")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from study import devices
+from study import hardware, processes
 
 
 @pytest.fixture
@@ -40,44 +40,44 @@ def torchrun(monkeypatch, rank, local_rank, world):
 @pytest.mark.parametrize("rank,local_rank", [(0, 0), (1, 1), (3, 3), (5, 1)])  # 5, 1: second node of 2 x 4
 def test_each_rank_takes_its_local_gpu_before_nccl_starts(fake_cuda, monkeypatch, rank, local_rank):
     torchrun(monkeypatch, rank, local_rank, world=8)
-    r, world, lr = devices.torchrun_env()
+    r, world, lr = processes.torchrun_env()
     assert (r, world, lr) == (rank, 8, local_rank)
     for spec in ("auto", "cuda"):
         fake_cuda["calls"].clear()
-        device = devices.pick_device(spec, lr, world)
-        devices.init_distributed(device, world)
+        device = hardware.pick_device(spec, lr, world)
+        processes.init_distributed(device, world)
         assert device == torch.device("cuda", local_rank)
         (first, dev), (init, backend, kw) = fake_cuda["calls"]
         assert (first, dev) == ("set_device", torch.device("cuda", local_rank))  # before the group
         assert (init, backend) == ("init", "nccl")
         assert kw["device_id"] == torch.device("cuda", local_rank)
-        assert kw["timeout"] == devices.DIST_TIMEOUT
+        assert kw["timeout"] == processes.DIST_TIMEOUT
 
 
 def test_cpu_under_torchrun_uses_gloo_even_where_cuda_exists(fake_cuda, monkeypatch):
     torchrun(monkeypatch, 1, 1, world=2)
-    device = devices.pick_device("cpu", 1, 2)
-    devices.init_distributed(device, 2)
+    device = hardware.pick_device("cpu", 1, 2)
+    processes.init_distributed(device, 2)
     assert device == torch.device("cpu")
-    assert fake_cuda["calls"] == [("init", "gloo", {"timeout": devices.DIST_TIMEOUT})]
+    assert fake_cuda["calls"] == [("init", "gloo", {"timeout": processes.DIST_TIMEOUT})]
 
 
 @pytest.mark.parametrize("spec", ["cuda:0", "cuda:1"])
 def test_an_explicit_gpu_under_torchrun_is_refused_in_one_line(fake_cuda, spec):
     with pytest.raises(SystemExit) as e:
-        devices.pick_device(spec, local_rank=1, world=4)
+        hardware.pick_device(spec, local_rank=1, world=4)
     msg = str(e.value)
     assert msg.startswith(f"error: --device {spec} under torchrun") and "cuda:LOCAL_RANK" in msg
     assert "\n" not in msg and fake_cuda["calls"] == []
 
 
 def test_single_process_device_choices(fake_cuda):
-    assert devices.pick_device("cuda:2") == torch.device("cuda", 2)
+    assert hardware.pick_device("cuda:2") == torch.device("cuda", 2)
     assert fake_cuda["calls"][-1] == ("set_device", torch.device("cuda", 2))
     with pytest.raises(SystemExit, match="has 4 GPU"):
-        devices.pick_device("cuda:7")
+        hardware.pick_device("cuda:7")
     with pytest.raises(SystemExit, match="valid values"):
-        devices.pick_device("tpu")
+        hardware.pick_device("tpu")
 
 
 @pytest.mark.parametrize("capability,auto", [((6, 0), torch.float16), ((7, 0), torch.float16),
@@ -89,12 +89,12 @@ def test_precision_follows_the_compute_capability(fake_cuda, monkeypatch, capsys
     # torch's own check counts emulation and says yes on 7.x: the decision must not rest on it
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     gpu = torch.device("cuda", 0)
-    assert devices.resolve_precision("auto", gpu) == auto
-    assert (devices.grad_scaler(gpu, auto) is not None) == (auto == torch.float16)
-    assert devices.resolve_precision("fp32", gpu) is None
-    assert devices.resolve_precision("fp16", gpu) == torch.float16
+    assert hardware.resolve_precision("auto", gpu) == auto
+    assert (hardware.grad_scaler(gpu, auto) is not None) == (auto == torch.float16)
+    assert hardware.resolve_precision("fp32", gpu) is None
+    assert hardware.resolve_precision("fp16", gpu) == torch.float16
     capsys.readouterr()
-    assert devices.resolve_precision("bf16", gpu) == torch.bfloat16  # honoured either way
+    assert hardware.resolve_precision("bf16", gpu) == torch.bfloat16  # honoured either way
     err = capsys.readouterr().err
     if capability < (8, 0):
         assert err.count("\n") == 1 and err.startswith("warning: --precision bf16 on Fake GPU")
@@ -105,8 +105,8 @@ def test_precision_follows_the_compute_capability(fake_cuda, monkeypatch, capsys
 
 @pytest.mark.parametrize("native,auto", [(True, torch.bfloat16), (False, None)])
 def test_precision_on_the_cpu(monkeypatch, native, auto):
-    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
-    assert devices.resolve_precision("auto", torch.device("cpu")) == auto
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
+    assert hardware.resolve_precision("auto", torch.device("cpu")) == auto
 
 
 @pytest.mark.parametrize("capability,dtype,deterministic,expect", [
@@ -118,18 +118,18 @@ def test_precision_on_the_cpu(monkeypatch, native, auto):
 def test_speed_settings_of_a_gpu_run(fake_cuda, capability, dtype, deterministic, expect):
     fake_cuda["capability"] = capability
     try:
-        got = devices.speed_settings(torch.device("cuda", 0), dtype, deterministic)
+        got = hardware.speed_settings(torch.device("cuda", 0), dtype, deterministic)
         assert got == expect
         assert torch.backends.cudnn.benchmark == expect["cudnn_benchmark"]
         assert torch.get_float32_matmul_precision() == ("high" if expect["tf32"] else "highest")
         assert torch.are_deterministic_algorithms_enabled() == deterministic
     finally:
-        devices.speed_settings(torch.device("cpu"), None, False)
+        hardware.speed_settings(torch.device("cpu"), None, False)
     assert not torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
 
 
 def test_the_budget_counts_everything_resident():
-    b = devices.MemoryBudget(100)
+    b = hardware.MemoryBudget(100)
     assert b.reserve("train images", 60) and b.used == 60
     assert not b.reserve("val images", 50) and b.used == 60  # refused: nothing counted
     assert b.reserve("val images", 40) and b.used == 100
@@ -157,10 +157,10 @@ def test_a_failure_on_one_rank_ends_every_rank_at_once(tmp_path):
     script.write_text(
         "import sys, torch\n"
         f"sys.path.insert(0, {str(root)!r})\n"
-        "from study import devices, errors\n"
-        "rank, world, local = devices.torchrun_env()\n"
-        "devices.init_distributed(torch.device('cpu'), world)\n"
-        "with devices.on_every_rank(world):\n"
+        "from study import errors, hardware, processes\n"
+        "rank, world, local = processes.torchrun_env()\n"
+        "processes.init_distributed(torch.device('cpu'), world)\n"
+        "with processes.on_every_rank(world):\n"
         "    if rank == 1:\n"
         "        errors.fail('bad image data/x.jpg')\n"
         "print('rank', rank, 'went on')\n")
@@ -176,11 +176,11 @@ def test_a_failure_on_one_rank_ends_every_rank_at_once(tmp_path):
 def test_one_process_under_torchrun_starts_its_group_and_a_plain_run_does_not(fake_cuda, monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    devices.init_distributed(devices.pick_device("auto"), 1)
+    processes.init_distributed(hardware.pick_device("auto"), 1)
     assert [c[0] for c in fake_cuda["calls"]] == ["set_device"]  # no process group outside torchrun
     torchrun(monkeypatch, 0, 0, world=1)  # torchrun --nproc_per_node=1: checks nccl on one GPU
     fake_cuda["calls"].clear()
-    devices.init_distributed(devices.pick_device("auto", 0, 1), 1)
+    processes.init_distributed(hardware.pick_device("auto", 0, 1), 1)
     assert [c[:2] for c in fake_cuda["calls"]] == [("set_device", torch.device("cuda", 0)), ("init", "nccl")]
 
 
@@ -204,7 +204,7 @@ def test_whole_lines_hands_each_printed_line_over_in_one_write():
     print("process 0 takes it", file=stream, flush=True)
     assert raw.writes == [b"process 0 takes it", b"\n"]  # another process's line could land in between
     raw.writes.clear()
-    devices.whole_lines(stream)
+    processes.whole_lines(stream)
     print("process 1 takes it", file=stream, flush=True)
     print("epoch 1/1", file=stream)
     assert raw.writes == [b"process 1 takes it\n", b"epoch 1/1\n"]

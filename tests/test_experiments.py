@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import common
+from study import errors, options, records
 from study import experiments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +104,9 @@ def mtimes(grid_dir, names):
 # Rules without training: parsing, which options apply, ranking, halving arithmetic.
 # --------------------------------------------------------------------------------------------
 def config_for(data, out, argv=(), defaults=R18):
-    parser = common.get_args_parser(defaults)
+    parser = options.get_args_parser(defaults)
     args = parser.parse_args(["--data", str(data), "--out", str(out), *SMOKE, *argv])
-    return common.resolve_config(args, defaults, "main_ResNet-18")
+    return options.resolve_config(args, defaults, "main_ResNet-18")
 
 
 def test_a_script_may_set_its_backbone_lr_ratio(tiny, tmp_path):
@@ -136,14 +137,14 @@ def test_command_line_options_apply_unless_the_grid_varies_them(tiny, tmp_path):
     base = config_for(tiny, tmp_path, ["--lr", "0.01"])
     grid = {"epochs": [30], "lr": [1e-3, 3e-4], "batch_size": [32]}
     axes = experiments.grid_axes(grid, explicit={"epochs", "lr", "limit_per_class"})
-    trials = experiments.grid_trials(base, axes, explicit={"epochs", "lr"})
+    trials = experiments.grid_trials(base, axes)
     # --epochs 1 beats the one-valued epochs axis; the lr axis varies, so it beats --lr 0.01;
     # batch_size was not given, so the grid's 32 applies
     assert [(t["epochs"], t["lr"], t["batch_size"]) for t in trials] == [(1, 1e-3, 32), (1, 3e-4, 32)]
     assert all(t["limit_per_class"] == 6 and t["img_size"] == 64 for t in trials)
     # a --grid-spec axis always applies, even with one value
     spec = experiments.grid_axes({"epochs": [2]}, explicit={"epochs"}, from_spec=True)
-    assert [t["epochs"] for t in experiments.grid_trials(base, spec, {"epochs"})] == [2]
+    assert [t["epochs"] for t in experiments.grid_trials(base, spec)] == [2]
     # random weights: every layer at one lr, as a single run does
     pre = config_for(tiny, tmp_path, ["--weights", "imagenet", "--bn-stats", "frozen", "--probe-epochs", "5"])
     scratch = experiments.grid_trials(pre, {"weights": ["imagenet", "none"]})
@@ -167,17 +168,6 @@ def test_ranking_follows_validation_never_test():
     assert ranked == ["best_on_val", "tie_listed_later", "from_csv", "best_on_test", "no_val", "cut", "failed"]
 
 
-def test_halving_epochs_counts_rungs_and_bounds_mixed_epochs():
-    assert experiments.halving_epochs([4] * 4, 1) == (4 + 2 + 2, 16)  # 4 to 1, 2 to 2, 1 to 4
-    assert experiments.halving_epochs([30] * 24, 4) == (3 * 48 + 3 * 30, 720)  # 12 cut at 4, 6 at 8, 3 at 16
-    assert experiments.halving_epochs([30] * 24, 0) == (720, 720)
-    assert experiments.halving_epochs([30] * 24, 30) == (720, 720)  # the first rung is the whole schedule
-    assert experiments.halving_epochs([7], 1) == (7, 7)
-    mixed = [30] * 24 + [50] * 24  # ResNet-18's grid: epochs 30 and 50
-    assert experiments.halving_epochs(mixed, 4) == (4 * 96 + 3 * 50, 1920)  # the 50-epoch trials survive
-    assert experiments.halving_epochs(mixed, 4, longest_survive=False) == (3 * 96 + 6 * 30, 1920)
-
-
 # --------------------------------------------------------------------------------------------
 # A stand-in for common.fit: what fit writes and returns, from chosen validation/test figures.
 # --------------------------------------------------------------------------------------------
@@ -188,10 +178,10 @@ class FakeFit:
         self.val, self.test, self.calls, self.reached = val, test, [], {}
 
     def __call__(self, c, stop_after=None):
-        run_dir = common.run_dir_of(c)
+        run_dir = options.run_dir_of(c)
         self.calls.append((c["name"], stop_after, c))
         run_dir.mkdir(parents=True, exist_ok=True)
-        common.write_json(run_dir / "config.json", dict(c, identity=experiments.expected_identity(c, 1)))  # as fit
+        records.write_json(run_dir / "config.json", dict(c, identity=experiments.expected_identity(c, 1)))  # as fit
         last = c["epochs"] if stop_after is None else min(stop_after, c["epochs"])
         self.reached[c["name"]] = max(last, self.reached.get(c["name"], 0))
         best = max(self.val(c, e) for e in range(1, last + 1))
@@ -199,7 +189,7 @@ class FakeFit:
             return {"stopped_at": last, "best_val_top1": best, "best_epoch": last}
         m = {"test_top1": self.test(c), "test_top5": 100.0, "test_mean_class_acc": self.test(c), "best_val_top1": best,
              "best_epoch": last, "epochs": c["epochs"], "train_seconds": 60.0 * last}
-        common.write_json(run_dir / "metrics.json", m)
+        records.write_json(run_dir / "metrics.json", m)
         return m
 
 
@@ -211,7 +201,7 @@ def test_grid_compare_takes_the_validation_winner_not_the_test_one(tiny, tmp_pat
     # the original scratch recipe: the random side takes the winner's lr (the tuned one: tests/test_scratch.py)
     config = config_for(tiny, tmp_path, ["--weights", str(weights), "--grid-spec", "lr=1e-3,3e-4", "--compare",
                                          "--scratch-recipe", "original"])
-    ranked = experiments.run(config, {}, {"grid_spec", "compare", "weights"}, fake)
+    ranked = experiments.run(config, {}, fake)
     assert [r["trial"] for r in ranked] == ["lr=0.0003", "lr=0.001"]
     assert "grid winner by validation: lr=0.0003 (val top-1 60.00%, test top-1 30.00%)" in capsys.readouterr().out
     # the winner itself is not trained again; the random-init network gets its options
@@ -225,9 +215,25 @@ def test_grid_compare_takes_the_validation_winner_not_the_test_one(tiny, tmp_pat
                        "pretrained_run": "grid/lr=0.0003", "random_init_run": "grid-compare/random_init"}
     # a later plain --compare starts from the same winner and finds both runs finished
     later = config_for(tiny, tmp_path, ["--weights", str(weights), "--compare", "--scratch-recipe", "original"])
-    rows = experiments.run(later, {}, {"compare", "weights"}, fake)
+    rows = experiments.run(later, {}, fake)
     assert len(fake.calls) == 3 and [r["run"] for r in rows] == ["grid/lr=0.0003", "grid-compare/random_init"]
     assert "starting from the grid winner lr=0.0003" in capsys.readouterr().out
+
+
+def test_a_weights_by_lr_grid_trains_the_four_trials_it_names(tiny, tmp_path):
+    """Grid axes count as given: the random-init trials keep the grid's lr (a scratch recipe fills only
+    what neither the command line nor the grid sets)."""
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"never read by the stand-in")
+    fake = FakeFit(val=lambda c, e: 10.0, test=lambda c: 0.0)
+    # the command's own weights are a file: the scratch recipe has not been applied before the grid
+    config = config_for(tiny, tmp_path, ["--weights", str(weights), "--grid-spec", f"weights={weights},none;lr=1e-3,3e-4"])
+    ranked = experiments.run(config, {}, fake)
+    trained = {(c["weights"] == "none", c["lr"]) for _, _, c in fake.calls}
+    assert trained == {(False, 1e-3), (False, 3e-4), (True, 1e-3), (True, 3e-4)} and len(fake.calls) == 4
+    assert sorted(r["status"] for r in ranked) == ["done"] * 4
+    random_init = [c for _, _, c in fake.calls if c["weights"] == "none"]
+    assert all(c["augment"] == "seed" and c["unfreeze"] == "all" for c in random_init)  # the recipe's other parts
 
 
 def test_halving_rule_when_the_grid_varies_epochs(tiny, tmp_path, monkeypatch):
@@ -236,7 +242,7 @@ def test_halving_rule_when_the_grid_varies_epochs(tiny, tmp_path, monkeypatch):
     val = {(2, 1e-3): 50.0, (2, 3e-4): 10.0, (8, 1e-3): 40.0, (8, 3e-4): 20.0}
     fake = FakeFit(val=lambda c, e: val[(c["epochs"], c["lr"])] + e, test=lambda c: 0.0)
     config = config_for(tiny, tmp_path, ["--grid-spec", "epochs=2,8;lr=1e-3,3e-4", "--halving", "1"])
-    ranked = experiments.run(config, {}, {"grid_spec", "halving"}, fake)
+    ranked = experiments.run(config, {}, fake)
     status = {r["trial"]: r["status"] for r in ranked}
     # rung 1: all four to epoch 1, the two best stay; rung 2: the 2-epoch trial finishes its own
     # schedule (tested) and beats the 8-epoch one, which is cut at 2; one left: the race ends
@@ -245,9 +251,9 @@ def test_halving_rule_when_the_grid_varies_epochs(tiny, tmp_path, monkeypatch):
     assert [(n, s) for n, s, _ in fake.calls] == [("epochs=2_lr=0.001", 1), ("epochs=2_lr=0.0003", 1),
                                                   ("epochs=8_lr=0.001", 1), ("epochs=8_lr=0.0003", 1),
                                                   ("epochs=2_lr=0.001", 2), ("epochs=8_lr=0.001", 2)]
-    assert sum(fake.reached.values()) == 6 == experiments.halving_epochs([2, 2, 8, 8], 1, longest_survive=False)[0]
+    assert sum(fake.reached.values()) == 6  # 4 trials to 1 epoch, then 2 to epoch 2
     # a rerun replays the recorded rungs: nothing trains
-    experiments.run(config, {}, {"grid_spec", "halving"}, fake)
+    experiments.run(config, {}, fake)
     assert len(fake.calls) == 6
 
 
@@ -341,11 +347,11 @@ def test_failing_trial_is_recorded_and_the_grid_goes_on(tiny, work, monkeypatch,
         if c["lr"] == 1e-3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if c["lr"] == 3e-4:
-            common.fail("non-finite loss at epoch 1, step 3; stopping")
+            errors.fail("non-finite loss at epoch 1, step 3; stopping")
         return real_fit(c, stop_after)
 
     config = config_for(tiny, work / "failing", ["--grid-spec", "lr=1e-3,3e-4,1e-4"])
-    ranked = experiments.run(config, {}, {"grid_spec"}, flaky)
+    ranked = experiments.run(config, {}, flaky)
     grid_dir = work / "failing" / "main_ResNet-18" / "grid"
     rows = {r["run"].split("/")[1]: r for r in read_csv(grid_dir / "results.csv")}
     assert rows["lr=0.001"]["status"] == "failed"
@@ -356,7 +362,7 @@ def test_failing_trial_is_recorded_and_the_grid_goes_on(tiny, work, monkeypatch,
     assert json.loads((grid_dir / "lr=0.001" / "error.json").read_text())["error"].startswith("OutOfMemoryError")
     done_at = (grid_dir / "lr=0.0001" / "metrics.json").stat().st_mtime_ns
     # the next run retries the failed trials only
-    experiments.run(config, {}, {"grid_spec"}, real_fit)
+    experiments.run(config, {}, real_fit)
     rows = read_csv(grid_dir / "results.csv")
     assert [r["status"] for r in rows] == ["done"] * 3 and not list(grid_dir.glob("*/error.json"))
     assert (grid_dir / "lr=0.0001" / "metrics.json").stat().st_mtime_ns == done_at
@@ -388,7 +394,7 @@ def test_successive_halving_cuts_on_validation_and_survivors_resume(tiny, work):
     assert trained[winner] == [1, 2, 3, 4] and steps(grid_dir / winner, "Accuracy/val") == [1, 2, 3, 4]
     assert {n: s for n, s in trained.items() if n != winner} == {n: list(range(1, int(expected[n][-1]) + 1))
                                                                  for n in TRIALS if n != winner}
-    assert sum(map(len, trained.values())) == experiments.halving_epochs([4] * 4, 1)[0] == 8
+    assert sum(map(len, trained.values())) == 8  # 4 to epoch 1, 2 to 2, the last to 4
     assert r.stdout.count("epoch 1/4") == 4 and r.stdout.count("epoch 2/4") == 2 and r.stdout.count("epoch 4/4") == 1
     # cut trials appear in the HParams tab with their validation score
     cut = next(n for n in TRIALS if expected[n] == "cut at epoch 1")
@@ -439,5 +445,5 @@ def test_bad_experiment_options_fail_before_writing(tiny, tmp_path):
         assert not out.exists()
     # common.main() sends only --grid/--grid-spec/--compare here; --halving alone is refused by run()
     with pytest.raises(SystemExit, match="--halving works with --grid or --grid-spec"):
-        experiments.run(config_for(tiny, out, ["--halving", "2"]), {}, {"halving"}, common.fit)
+        experiments.run(config_for(tiny, out, ["--halving", "2"]), {}, common.fit)
     assert not out.exists()

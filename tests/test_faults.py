@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+from study import loop, options
 from study import records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +125,10 @@ def test_a_crash_between_write_and_rename_leaves_the_old_checkpoint(tmp_path, mo
 
 
 def small_config(data, out, **over):
-    parser = common.get_args_parser(dict(arch="resnet18", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3,
+    parser = options.get_args_parser(dict(arch="resnet18", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3,
                                          weight_decay=1e-4, unfreeze="last:1"))
     args = parser.parse_args(["--data", str(data), "--out", str(out), *TINY, "--cache-dir", str(out / "cache")])
-    return dict(common.resolve_config(args, dict(epochs=3, scratch_epochs=3, unfreeze="last:1"), "main_test"), **over)
+    return dict(options.resolve_config(args, dict(epochs=3, scratch_epochs=3, unfreeze="last:1"), "main_test"), **over)
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
@@ -146,7 +147,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_che
     config = small_config(data, tmp_path)
     with pytest.raises(SystemExit, match=r"non-finite loss at epoch 2, step 3"):
         common.fit(config)
-    run_dir = common.run_dir_of(config)
+    run_dir = options.run_dir_of(config)
     assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 1
     assert not (run_dir / "metrics.json").exists()
 
@@ -155,7 +156,7 @@ def test_out_of_memory_names_the_batch_size_and_suggests_a_smaller_one(data, tmp
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(common, "train_one_epoch", oom)
+    monkeypatch.setattr(loop, "train_one_epoch", oom)
     with pytest.raises(SystemExit, match=r"out of GPU memory in the training stage with --batch-size 8; try --batch-size 4"):
         common.fit(small_config(data, tmp_path))
 

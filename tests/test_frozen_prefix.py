@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import common
-from study import devices
-from study import features
+from study import data, nets, options
+
+from study import features, hardware
 
 TINY = {"accordion", "airplanes", "anchor", "ant", "barrel", "bass", "beaver", "binocular", "bonsai", "brain",
         "brontosaurus", "buddha"}
@@ -31,10 +32,10 @@ def weights_file(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_b4", "efficientnet_lite0"])
 def test_the_forward_sequence_computes_the_model(arch):
     torch.manual_seed(0)
-    model = common.build_model(arch, 7, "none").eval()
+    model = nets.build_model(arch, 7, "none").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(torch.nn.Sequential(*common.forward_sequence(model))(x), model(x))
+        assert torch.equal(torch.nn.Sequential(*nets.forward_sequence(model))(x), model(x))
 
 
 @pytest.mark.parametrize("arch,unfreeze,bn_stats,prefix", [
@@ -48,21 +49,21 @@ def test_the_forward_sequence_computes_the_model(arch):
     ("efficientnet_b4", "last:3", "frozen", ["features.0"]),
 ])
 def test_the_prefix_ends_where_training_or_randomness_begins(arch, unfreeze, bn_stats, prefix):
-    model = common.build_model(arch, 7, "none")
-    common.freeze(model, arch, common.parse_unfreeze(unfreeze, arch))
+    model = nets.build_model(arch, 7, "none")
+    nets.freeze(model, arch, nets.parse_unfreeze(unfreeze, arch))
     head, rest = features.split_frozen_prefix(model, bn_stats)
     names = {id(m): n for n, m in model.named_modules()}
     assert [names[id(m)] for m in head] == prefix
-    assert len(head) + len(rest) == len(common.forward_sequence(model))
+    assert len(head) + len(rest) == len(nets.forward_sequence(model))
 
 
 def lite0_config(data, out, weights, **over):
-    parser = common.get_args_parser(dict(arch="efficientnet_lite0", batch_size=16, epochs=2, scratch_epochs=2,
+    parser = options.get_args_parser(dict(arch="efficientnet_lite0", batch_size=16, epochs=2, scratch_epochs=2,
                                          lr=1e-3, weight_decay=1e-4, unfreeze="last:5", augment="none"))
     args = parser.parse_args(["--data", str(data), "--out", str(out), "--weights", str(weights), "--img-size",
                               "64", "--workers", "0", "--precision", "fp32", "--probe-epochs", "2",
                               "--cache-dir", str(out / "cache")])
-    c = common.resolve_config(args, dict(epochs=2, scratch_epochs=2, unfreeze="last:5"), "main_test")
+    c = options.resolve_config(args, dict(epochs=2, scratch_epochs=2, unfreeze="last:5"), "main_test")
     c.update(over)
     return c
 
@@ -101,7 +102,7 @@ def test_augmented_training_or_a_tight_memory_runs_every_stage_each_step(tiny_sp
                                                                         capsys, monkeypatch):
     common.fit(lite0_config(tiny_split, tmp_path, weights_file, name="flip", augment="flip", epochs=1))
     assert "frozen features.0" not in capsys.readouterr().out  # each epoch shows other pixels
-    monkeypatch.setattr(devices, "memory_limit", lambda device: 1000)
+    monkeypatch.setattr(hardware, "memory_limit", lambda device: 1000)
     common.fit(lite0_config(tiny_split, tmp_path, weights_file, name="tight", epochs=1))
     printed = capsys.readouterr().out
     assert "frozen features.0 to features.3: outputs of 96 images would take 1 MiB, over the memory budget " \
@@ -112,9 +113,9 @@ def test_augmented_training_or_a_tight_memory_runs_every_stage_each_step(tiny_sp
 def test_prefix_batches_serve_the_loaders_order_and_labels(tiny_split, tmp_path):
     from study import pipeline
 
-    classes, splits = common.prepare_data(lite0_config(tiny_split, tmp_path, "none"))
+    classes, splits = data.read_data(lite0_config(tiny_split, tmp_path, "none"))[:2]
     train = splits["train"]
-    pre = common.make_preprocess("efficientnet_lite0", 32, "squash")
+    pre = nets.make_preprocess("efficientnet_lite0", 32, "squash")
     loader = pipeline.build_loader(train, train=True, preprocess=pre, augment="none", seed_recipe="efficientnet_lite0",
                                    batch_size=16, workers=0, device=torch.device("cpu"), seed=3,
                                    cache_dir=str(tmp_path / "cache"))

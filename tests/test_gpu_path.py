@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import common
-from study import devices
+from study import loop, nets, pipeline, steps
+from study import hardware
 from study import experiments
 from study import features
 from study import options
@@ -30,14 +31,14 @@ DEFAULTS = dict(arch="resnet18", batch_size=8, epochs=3, scratch_epochs=3, lr=1e
 
 def config(data, out, **over):
     defaults = DEFAULTS
-    args = common.get_args_parser(defaults).parse_args(
+    args = options.get_args_parser(defaults).parse_args(
         ["--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "32", "--workers", "0",
          "--cache-dir", str(out / "cache")])
-    return dict(common.resolve_config(args, defaults, "main_test"), **over)
+    return dict(options.resolve_config(args, defaults, "main_test"), **over)
 
 
 def last(c):
-    return torch.load(common.run_dir_of(c) / "last.pth", weights_only=True)
+    return torch.load(options.run_dir_of(c) / "last.pth", weights_only=True)
 
 
 def same_weights(a, b):
@@ -65,10 +66,10 @@ def test_the_scaler_skips_a_step_on_inf_gradients_and_lowers_its_scale():
     params = list(layer.parameters())
     x = torch.randn(5, 4)
     before = [p.detach().clone() for p in params]
-    common.backward_and_step((layer(x) * float("inf")).sum(), opt, params, scaler, clip=1.0)
+    loop.backward_and_step((layer(x) * float("inf")).sum(), opt, params, scaler, clip=1.0)
     assert all(torch.equal(p, q) for p, q in zip(params, before))  # skipped
     assert scaler.get_scale() == 2.0 ** 9
-    common.backward_and_step(layer(x).square().mean(), opt, params, scaler, clip=1.0)
+    loop.backward_and_step(layer(x).square().mean(), opt, params, scaler, clip=1.0)
     assert not all(torch.equal(p, q) for p, q in zip(params, before))  # a finite step is taken
     # unscaled before clipping: the clipped norm is the true gradient's (<= 1), not 2^9 times it
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
@@ -89,7 +90,7 @@ def test_resident_and_streamed_decode_caches_train_bit_identically(data, tmp_pat
 
 def test_the_budget_places_decode_caches_and_the_frozen_part_releases_them(data, tmp_path, monkeypatch):
     placed, released = [], []
-    real_build = common.build_loaders
+    real_build = steps.build_loaders
 
     def spy(run, budget, resident=None):
         loaders, options = real_build(run, budget, resident)
@@ -100,7 +101,7 @@ def test_the_budget_places_decode_caches_and_the_frozen_part_releases_them(data,
                 loader.release = lambda s=split, r=real_release: (released.append(s), r())
         return loaders, options
 
-    monkeypatch.setattr(common, "build_loaders", spy)
+    monkeypatch.setattr(steps, "build_loaders", spy)
     c = config(data, tmp_path, precision="fp32", epochs=1, augment="none", weights="none", unfreeze="last:1")
     common.fit(c, resident=True)
     assert placed == ["train", "val", "test"]
@@ -110,19 +111,19 @@ def test_the_budget_places_decode_caches_and_the_frozen_part_releases_them(data,
 def test_gpu_cache_off_keeps_every_decode_cache_in_host_memory_with_the_same_results(data, tmp_path, monkeypatch):
     """The tensor path forced on the CPU, as on a GPU: --gpu-cache auto puts each decode cache the budget
     allows in device memory, off none of them; the weights are the same, and a resume may change it."""
-    real_options, real_build, placed, ckpt = common.loader_options, common.build_loaders, {}, {}
+    real_options, real_build, placed, ckpt = steps.loader_options, steps.build_loaders, {}, {}
 
     def spy(run, budget, resident=None):
         loaders, options = real_build(run, budget, resident)
         placed[run.config["gpu_cache"]] = sorted(s for s, loader in loaders.items() if loader and loader.resident)
         return loaders, options
 
-    monkeypatch.setattr(common, "loader_options", lambda *a, **k: dict(real_options(*a, **k), on_device=True))
-    monkeypatch.setattr(common, "build_loaders", spy)
+    monkeypatch.setattr(steps, "loader_options", lambda *a, **k: dict(real_options(*a, **k), on_device=True))
+    monkeypatch.setattr(steps, "build_loaders", spy)
     for mode in ("auto", "off"):
         c = config(data, tmp_path, name=f"gpu-cache-{mode}", precision="fp32", epochs=1, cache_frozen="off")
         assert c["gpu_cache"] == "auto"  # the default
-        c["gpu_cache"] = common.get_args_parser(DEFAULTS).parse_args(["--gpu-cache", mode]).gpu_cache
+        c["gpu_cache"] = options.get_args_parser(DEFAULTS).parse_args(["--gpu-cache", mode]).gpu_cache
         common.fit(c)
         ckpt[mode] = last(c)
     assert placed == {"auto": ["test", "train", "val"], "off": []}
@@ -156,12 +157,12 @@ def test_out_of_memory_anywhere_ends_in_one_line_naming_the_stage(data, tmp_path
     here on the CPU), and half the batch size only in training, where the batch is what grew."""
     c = config(data, tmp_path, precision="fp32", epochs=1)
     if stage == "training":
-        monkeypatch.setattr(common, "train_one_epoch", oom)
+        monkeypatch.setattr(loop, "train_one_epoch", oom)
     elif stage == "evaluation":
-        monkeypatch.setattr(common, "evaluate", oom)
+        monkeypatch.setattr(loop, "evaluate", oom)
     elif stage == "test":  # only the test pass keeps its worst mistakes
-        real = common.evaluate
-        monkeypatch.setattr(common, "evaluate", lambda *a, mistakes=0, **k: oom() if mistakes else
+        real = loop.evaluate
+        monkeypatch.setattr(loop, "evaluate", lambda *a, mistakes=0, **k: oom() if mistakes else
                             real(*a, mistakes=mistakes, **k))
     elif stage == "frozen prefix":
         monkeypatch.setattr(features, "outputs_of", oom)
@@ -175,16 +176,25 @@ def test_out_of_memory_anywhere_ends_in_one_line_naming_the_stage(data, tmp_path
     with pytest.raises(SystemExit) as e:
         common.fit(c, resident=resident)
     assert str(e.value) == "error: " + OOM_LINES[stage, resident]
-    run_dir = common.run_dir_of(c)
+    run_dir = options.run_dir_of(c)
     assert not (run_dir / "metrics.json").exists()
     assert (run_dir / "last.pth").exists() == (stage == "test")  # the epochs before it are kept
+
+
+def test_out_of_memory_while_placing_the_decode_caches_names_gpu_cache_off(data, tmp_path, monkeypatch):
+    """Placing the decode caches in GPU memory is what ran out: --gpu-cache off is the remedy."""
+    c = config(data, tmp_path, precision="fp32", epochs=1)
+    monkeypatch.setattr(pipeline.Loader, "make_resident", oom)
+    with pytest.raises(SystemExit) as e:
+        common.fit(c, resident=True)
+    assert str(e.value) == f"error: out of GPU memory while placing the decode caches on the GPU; try {GPU_CACHE_OFF}"
 
 
 def lite_like_weights(tmp_path):
     """A resnet18 state dict saved in the test: a 'pretrained' file for the probe."""
     torch.manual_seed(0)
     path = tmp_path / "r18.pth"
-    torch.save(common.build_model("resnet18", 1000, "none").state_dict(), path)
+    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), path)
     return path
 
 
@@ -193,11 +203,11 @@ def test_a_grid_trial_out_of_memory_is_recorded_and_the_grid_goes_on(data, tmp_p
         """common.fit, out of memory in training for the batch-16 trial only."""
         with monkeypatch.context() as m:
             if c["batch_size"] == 16:
-                m.setattr(common, "train_one_epoch", oom)
+                m.setattr(loop, "train_one_epoch", oom)
             return common.fit(c, stop_after)
 
     c = config(data, tmp_path, epochs=1, grid_spec="batch_size=16,8")
-    ranked = experiments.run(c, {}, set(), fit)
+    ranked = experiments.run(c, {}, fit)
     by = {r["batch_size"]: r for r in ranked}  # the global batch, as the table shows it
     assert by["16"]["status"] == "failed"
     assert by["16"]["error"] == "out of GPU memory in the training stage with --batch-size 16; try --batch-size 8"
@@ -210,25 +220,25 @@ def test_checkpoints_carry_the_cuda_rng_state_and_a_resume_restores_it(monkeypat
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.append(s))
     gpu = torch.device("cuda", 0)
-    state = devices.rng_state(gpu)
+    state = hardware.rng_state(gpu)
     assert state["cuda_rng"] is states and torch.equal(state["rng"], torch.get_rng_state())
-    assert "cuda_rng" not in devices.rng_state(torch.device("cpu"))
-    devices.set_rng_state(state, gpu)
+    assert "cuda_rng" not in hardware.rng_state(torch.device("cpu"))
+    hardware.set_rng_state(state, gpu)
     assert restored == [states]
-    devices.set_rng_state({"rng": state["rng"]}, gpu)  # a checkpoint from the CPU: nothing to restore
+    hardware.set_rng_state({"rng": state["rng"]}, gpu)  # a checkpoint from the CPU: nothing to restore
     assert restored == [states]
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile's CPU backend needs a C compiler, and none is installed")
 def test_compile_is_close_to_eager_and_keeps_plain_checkpoint_keys(data, tmp_path):
-    import predict
+    from study import prediction
 
     out = {}
     for compiled in (False, True):
         c = config(data, tmp_path, name=f"compile{compiled}", precision="fp32", epochs=2, compile=compiled,
                    augment="none", cache_frozen="off")
-        out[compiled] = (common.fit(c), last(c), common.run_dir_of(c))
+        out[compiled] = (common.fit(c), last(c), options.run_dir_of(c))
     from test_run import tb_scalars
 
     (me, ce), (le, lc) = (out[False][0], out[True][0]), (out[False][1], out[True][1])
@@ -237,5 +247,5 @@ def test_compile_is_close_to_eager_and_keeps_plain_checkpoint_keys(data, tmp_pat
     first = [tb_scalars(out[k][2]).Scalars("Loss/train")[0].value for k in (False, True)]
     assert abs(first[0] - first[1]) < 1e-3  # the first epoch's mean training loss
     assert list(lc["model"]) == list(le["model"])  # plain keys: no "_orig_mod." prefix
-    model, classes, _ = predict.load_model(out[True][2] / "last.pth")
+    model, classes, _ = prediction.load_model(out[True][2] / "last.pth")
     assert len(classes) == 5

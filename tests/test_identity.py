@@ -1,5 +1,6 @@
 """A run knows what it is: the split and images it saw, how it computed, and one writer at a time."""
 import json
+import re
 import shutil
 import signal
 import socket
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 import common
+import split_data
+from study import nets, options
 from study import data as data_mod
-from study import devices
 from study import records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,17 +40,16 @@ def source(tmp_path_factory):
 
 
 def split(source, out, seed):
-    r = subprocess.run([sys.executable, str(ROOT / "split_data.py"), "--source", str(source), "--out", str(out),
-                        "--seed", str(seed), "--force", "--copy", "--workers", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    """split_data.py, in this process (its command line is tests/test_split_data.py's subject)."""
+    split_data.main(["--source", str(source), "--out", str(out), "--seed", str(seed), "--force", "--copy",
+                     "--workers", "1"])
     return out
 
 
 def config(data, out, *extra, **over):
-    args = common.get_args_parser(DEFAULTS).parse_args(["--data", str(data), "--out", str(out), *TINY,
+    args = options.get_args_parser(DEFAULTS).parse_args(["--data", str(data), "--out", str(out), *TINY,
                                                         "--cache-dir", str(out / "cache"), *extra])
-    return dict(common.resolve_config(args, DEFAULTS, "main_test"), **over)
+    return dict(options.resolve_config(args, DEFAULTS, "main_test"), **over)
 
 
 def test_the_split_fingerprint_of_the_files_equals_split_json(source, tmp_path):
@@ -109,16 +110,37 @@ def test_a_resume_with_another_precision_or_device_type_is_refused(source, tmp_p
     common.fit(c, stop_after=1)
     with pytest.raises(SystemExit, match=r"precision fp32 there, bf16 now"):
         common.fit(dict(c, resume="auto", precision="bf16"))
-    # a run recorded on a GPU in fp32: the CPU may continue it only when --precision names fp32
+    # a run recorded on a GPU: its augmentation was rendered otherwise, whatever the precision
     path = tmp_path / "main_test" / "p" / "last.pth"
     ck = torch.load(path, weights_only=True)
     ck["config"]["identity"]["compute"]["device_type"] = "cuda"
     torch.save(ck, path)
-    auto = "precision fp32 there, bf16 now" if devices.cpu_has_native_bf16() else \
-        r"device cuda there, cpu now \(pass --precision fp32 to continue it there\)"
-    with pytest.raises(SystemExit, match=auto):
-        common.fit(dict(c, resume="auto", precision="auto"))
-    assert common.fit(dict(c, resume="auto", precision="fp32"))["epochs"] == 2
+    with pytest.raises(SystemExit, match=r"device cuda there, cpu now \(its augmentation rendered by tensor ops "
+                                         r"there, PIL now\)"):
+        common.fit(dict(c, resume="auto", precision="fp32"))
+
+
+def test_a_moved_data_set_resumes_and_what_changes_numbers_is_refused(source, tmp_path):
+    """--data is compared by what it holds, --weights by its bytes; --cache-frozen changes nothing,
+    --compile and --deterministic change the kernels."""
+    data = split(source, tmp_path / "data", 1)
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)
+    c = config(data, tmp_path, "--weights", str(weights), "--unfreeze", "layer4", name="m")
+    common.fit(c, stop_after=1)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(data, moved)  # the data set copied to a node's local disk
+    for option, value, refused in (("compile", True, "--compile False there, True now"),
+                                   ("deterministic", True, "--deterministic False there, True now")):
+        with pytest.raises(SystemExit, match=re.escape(refused)):
+            common.fit(dict(c, data=str(moved), resume="auto", **{option: value}))
+    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)  # other weights, same file name
+    with pytest.raises(SystemExit, match=f"--weights {re.escape(str(weights))} there holds other weights"):
+        common.fit(dict(c, resume="auto"))
+    torch.manual_seed(0)
+    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)  # the same bytes again
+    assert common.fit(dict(c, data=str(moved), resume="auto", cache_frozen="off"))["epochs"] == 2
 
 
 def held_while(first, cmd):
@@ -173,7 +195,7 @@ def test_a_second_grid_command_on_a_grid_in_use_stops_naming_the_holder(source, 
 
 
 def test_report_keeps_runs_of_two_splits_in_two_tables(tmp_path):
-    import report
+    from study import results, tables
 
     for name, split in (("a", "1" * 64), ("b", "2" * 64)):
         run_dir = tmp_path / "main_ResNet-18" / name
@@ -183,9 +205,9 @@ def test_report_keeps_runs_of_two_splits_in_two_tables(tmp_path):
                  identity={"data": {"split": split}, "compute": {"processes": 2}})
         (run_dir / "config.json").write_text(json.dumps(c))
         (run_dir / "metrics.json").write_text(json.dumps({"test_top1": 90.0, "best_val_top1": 91.0, "processes": 2}))
-    rows = report.gather(tmp_path)
-    main, groups = report.group_settings(rows)
+    rows = results.gather(tmp_path)
+    main, groups = results.group_settings(rows)
     assert len(groups) == 2 and {s[-1] for s, _ in groups} == {"1" * 12, "2" * 12}
     assert {r["batch"] for r in rows} == {"64 (32 x 2)"}  # the global batch, and per process
-    assert "(split 111111111111)" in report.describe_setting(groups[0][0] if groups[0][0][-1] == "1" * 12
+    assert "(split 111111111111)" in tables.describe_setting(groups[0][0] if groups[0][0][-1] == "1" * 12
                                                              else groups[1][0])

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 import common
-from study import devices
+from study import nets, options, steps
+from study import hardware, processes
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"accordion", "airplanes", "anchor", "ant"}
 TINY = ["--weights", "none", "--img-size", "32", "--workers", "0", "--precision", "fp32", "--device", "cpu"]
-GRID = ["--grid-spec", "lr=1e-3,3e-4;batch_size=4,8", "--halving", "1", "--epochs", "2"]
+# three rungs: 4 trials to epoch 1, 2 to epoch 2, the last to its end at 4
+GRID = ["--grid-spec", "lr=1e-3,3e-4;batch_size=4,8", "--halving", "1", "--epochs", "4"]
 TIMING = {"train_seconds", "train_images_per_s", "minutes"}  # wall-clock figures: never equal twice
 
 
@@ -86,18 +88,17 @@ def takes(stdout):
 def test_a_halving_grid_on_two_processes_equals_the_one_process_grid(data, tmp_path, one_process_grid):
     r = run(torchrun("--data", data, "--out", tmp_path, *TINY, *GRID))
     taken = takes(r.stdout)
-    # 4 trials to epoch 1, then the 2 kept to their end: each handed to exactly one process
-    assert len(taken) == 6 and len({t for t, _ in taken}) == 6, taken
+    # 4 trials to epoch 1, 2 to epoch 2, the one kept to its end: each handed to exactly one process
+    assert len(taken) == 7 and len({t for t, _ in taken}) == 7, taken
     assert {p for _, p in taken} == {0, 1}  # both processes trained
     assert "1 thread(s) each" in r.stdout
+    # the cuts, the scores of every rung and every trial's metrics (processes 1: each trial alone)
     assert grid_record(tmp_path / "main_ResNet-18" / "grid") == one_process_grid
-    for m in one_process_grid["trials"].values():
-        assert m == "unfinished" or m["processes"] == 1  # each trial alone, at its own batch size
 
 
 def test_compare_trains_both_networks_at_once_with_one_process_results(data, tmp_path):
     weights = tmp_path / "w.pth"
-    torch.save(common.build_model("resnet18", 1000, "none").state_dict(), weights)
+    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)
     args = ("--data", data, *TINY[2:], "--weights", weights, "--epochs", "1", "--compare")
     run(alone(*args, "--out", tmp_path / "one"))
     r = run(torchrun(*args, "--out", tmp_path / "two"))
@@ -114,13 +115,31 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_agents_as_two_nodes_finish_the_grid_with_one_process_results(data, tmp_path, one_process_grid):
+@pytest.fixture
+def second_mount(tmp_path):
+    """tmp_path/mount: the folder tmp_path/nodes mounted a second time (a bind mount), as a second machine
+    mounts a shared disk at another path; skipped where this process may not mount."""
+    (tmp_path / "nodes").mkdir()
+    (tmp_path / "mount").mkdir()
+    r = subprocess.run(["mount", "--bind", str(tmp_path / "nodes"), str(tmp_path / "mount")], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"a bind mount is not allowed here ({r.stderr.strip()}): needs root")
+    yield tmp_path / "mount"
+    subprocess.run(["umount", str(tmp_path / "mount")], check=True)
+
+
+def test_two_agents_as_two_nodes_finish_the_grid_with_one_process_results(data, tmp_path, one_process_grid,
+                                                                          second_mount):
+    """Two machines that reach the shared --out by different paths: the trials' keys are names both share."""
     port = free_port()
-    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "grid-test",
-            str(ROOT / "main_ResNet-18.py"), "--data", str(data), "--out", str(tmp_path / "nodes"), *TINY, *GRID]
-    agents = [subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env1())
-              for _ in range(2)]
+    agents = []
+    for out in (tmp_path / "nodes", second_mount):
+        node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "grid-test",
+                str(ROOT / "main_ResNet-18.py"), "--data", str(data), "--out", str(out), *TINY, *GRID]
+        agents.append(subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       env=env1()))
     outs = [a.communicate(timeout=600) for a in agents]
     assert [a.returncode for a in agents] == [0, 0], [o[1][-2000:] for o in outs]
     assert {p for o in outs for _, p in takes(o[0])} == {0, 1}  # both nodes trained
@@ -166,7 +185,7 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_grid_ends_as_uninterrupt
 def driver(tmp_path, patch):
     """A script that runs main_ResNet-18.py under torchrun after `patch` (Python source) ran in the process."""
     script = tmp_path / "driver.py"
-    script.write_text(f"import os, runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport common\nfrom study import devices\n"
+    script.write_text(f"import os, runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport common\nfrom study import loop, steps\n"
                       f"rank = int(os.environ['RANK'])\n{patch}\n"
                       f"sys.argv[0] = {str(ROOT / 'main_ResNet-18.py')!r}\n"
                       f"runpy.run_path({str(ROOT / 'main_ResNet-18.py')!r}, run_name='__main__')\n")
@@ -174,13 +193,13 @@ def driver(tmp_path, patch):
 
 
 def test_a_rank_failing_inside_an_epoch_ends_both_processes_within_seconds(data, tmp_path):
-    script = driver(tmp_path, "step = [0]\nreal = common.backward_and_step\n"
+    script = driver(tmp_path, "step = [0]\nreal = loop.backward_and_step\n"
                               "def boom(*a, **k):\n"
                               "    step[0] += 1\n"
                               "    if rank == 1 and step[0] == 3:\n"
                               "        raise RuntimeError('injected failure at step 3')\n"
                               "    return real(*a, **k)\n"
-                              "common.backward_and_step = boom\n")
+                              "loop.backward_and_step = boom\n")
     t = time.time()
     r = subprocess.run(torchrun("--data", data, "--out", tmp_path, *TINY, "--batch-size", "2", "--epochs", "2",
                                 script=script), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env1())
@@ -190,12 +209,12 @@ def test_a_rank_failing_inside_an_epoch_ends_both_processes_within_seconds(data,
 
 
 def test_a_setup_failure_on_one_rank_of_a_ddp_grid_fails_the_trial_on_every_rank(data, tmp_path):
-    script = driver(tmp_path, "real = common.build_network\n"
+    script = driver(tmp_path, "real = steps.build_network\n"
                               "def build(config, *a, **k):\n"
                               "    if rank == 1 and config['lr'] == 1e-3:\n"
                               "        raise OSError('weights download refused')\n"
                               "    return real(config, *a, **k)\n"
-                              "common.build_network = build\n")
+                              "steps.build_network = build\n")
     r = subprocess.run(torchrun("--data", data, "--out", tmp_path, *TINY, "--epochs", "1", "--parallel", "ddp",
                                 "--grid-spec", "lr=1e-3,3e-4", script=script),
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env1())
@@ -204,10 +223,23 @@ def test_a_setup_failure_on_one_rank_of_a_ddp_grid_fails_the_trial_on_every_rank
         rows = {row["run"].split("/")[-1]: row for row in csv.DictReader(f)}
     assert {k: v["status"] for k, v in rows.items()} == {"lr=0.001": "failed", "lr=0.0003": "done"}
     assert rows["lr=0.0003"]["batch_size"] == "128 (64 x 2)"  # the global batch, and per process
-    assert r.stderr.count("trial lr=0.001 failed") == 2  # both ranks recorded it
+    assert r.stderr.count("trial lr=0.001 failed") == 1  # one line, by the trial's writer
     assert "process 1 of 2 failed: weights download refused" in r.stderr
     m = json.loads((tmp_path / "main_ResNet-18" / "grid" / "lr=0.0003" / "metrics.json").read_text())
     assert m["processes"] == 2  # the next trial was trained by both, together
+
+
+def test_a_diverging_trial_of_a_ddp_grid_is_recorded_failed_and_the_grid_goes_on(data, tmp_path):
+    """Both processes meet the non-finite loss at the same read-back, agree, and go on to the next trial."""
+    r = subprocess.run(torchrun("--data", data, "--out", tmp_path, *TINY, "--batch-size", "8", "--epochs", "3",
+                                "--parallel", "ddp", "--grid-spec", "lr=1e-3,1e12"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env1())
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "main_ResNet-18" / "grid" / "results.csv", newline="") as f:
+        rows = {float(row["lr"]): row for row in csv.DictReader(f)}
+    assert {lr: row["status"] for lr, row in rows.items()} == {1e-3: "done", 1e12: "failed"}
+    assert rows[1e12]["error"].startswith("non-finite loss at epoch 1, step ")
+    assert r.stdout.count("grid: trial lr=0.001 (") == 1  # a DDP grid's lines, printed once
 
 
 def test_parallel_with_a_single_run_is_an_error(data, tmp_path):
@@ -220,17 +252,17 @@ def test_parallel_with_a_single_run_is_an_error(data, tmp_path):
 def test_ranks_start_from_one_network_and_draw_their_own_dropout_masks(data):
     """Two ranks of one run: identical initial weights, different dropout draws; one process keeps its
     generator untouched (so a one-process run is what it always was)."""
-    config = dict(common.resolve_config(common.get_args_parser(DEFAULTS).parse_args(
+    config = dict(options.resolve_config(options.get_args_parser(DEFAULTS).parse_args(
         ["--data", str(data), "--weights", "none"]), DEFAULTS, "t"))
     nets, masks = [], []
     for rank in (0, 1):
-        nets.append(common.build_network(config, 4, None, torch.device("cpu"), rank, 2))
+        nets.append(steps.build_network(config, 4, None, torch.device("cpu"), rank, 2))
         masks.append(torch.nn.functional.dropout(torch.ones(1000), 0.5))
     assert all(torch.equal(a, b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
     assert not torch.equal(masks[0], masks[1])
-    devices.seed_everything(0)
+    hardware.seed_everything(0)
     before = torch.get_rng_state()
-    devices.seed_rank(0, 0, 1)
+    hardware.seed_rank(0, 0, 1)
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -269,4 +301,4 @@ def test_each_process_takes_its_share_of_the_cores_unless_the_user_set_the_threa
         else:
             monkeypatch.setenv("OMP_NUM_THREADS", omp)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
-        assert devices.cpu_share() == want, (omp, local)
+        assert processes.cpu_share() == want, (omp, local)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from study import nets
-import predict
+from study.prediction import grad_cam
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_grad_cam_of_a_head_reading_one_channel_is_that_channels_map():
         model.fc.weight.zero_()
         model.fc.weight[1, 7] = 1.0
     x = torch.randn(2, 3, 64, 64)
-    cam = predict.grad_cam(model, x, torch.tensor([1, 1]))
+    cam = grad_cam(model, x, torch.tensor([1, 1]))
     seen = {}
     h = model.layer4.register_forward_hook(lambda m, i, o: seen.setdefault("a", o))
     with torch.no_grad():

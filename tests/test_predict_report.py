@@ -14,9 +14,12 @@ from torchvision import models, transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-import common
 import predict
 import report
+from study import nets, prediction
+from study.figures import fmt_value
+from study.results import OWN_IMG_SIZE
+from study.tables import trained_part
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["wasp", "ant", "zebra", "bee", "cat", "dog", "eel"]  # 7 > 5, and not in sorted order
@@ -41,7 +44,7 @@ def tiny(tmp_path_factory):
     them grayscale, in a subfolder), a truncated JPEG and a text file."""
     d = tmp_path_factory.mktemp("predict")
     torch.manual_seed(0)
-    model = common.build_model("resnet18", len(CLASSES), "none").eval()
+    model = nets.build_model("resnet18", len(CLASSES), "none").eval()
     with torch.no_grad():
         model.fc.weight.mul_(0.05)  # keep the softmax spread out, so the ordering check means something
     ckpt = save_ckpt(d / "best.pth", "resnet18", CLASSES, SMALL, model)
@@ -104,10 +107,10 @@ def test_predict_plain_output_top_k_and_explicit_bad_file(tiny):
 
 
 def test_predict_batches_give_the_same_answer_as_single_images(tiny):
-    model, classes, pre = predict.load_model(tiny["ckpt"])
+    model, classes, pre = prediction.load_model(tiny["ckpt"])
     paths = tiny["good"] * 3
-    one = list(predict.predict_paths(model, classes, pre, paths, device=torch.device("cpu"), batch_size=1))
-    many = list(predict.predict_paths(model, classes, pre, paths, device=torch.device("cpu"), batch_size=4))
+    one = list(prediction.predict_paths(model, classes, pre, paths, device=torch.device("cpu"), batch_size=1))
+    many = list(prediction.predict_paths(model, classes, pre, paths, device=torch.device("cpu"), batch_size=4))
     assert [o["image"] for o in many] == paths
     for a, b in zip(one, many):
         assert [c["class"] for c in a["top5"]] == [c["class"] for c in b["top5"]]
@@ -133,16 +136,16 @@ def test_load_image_equals_torchvision_preprocessing_bit_for_bit(tiny, weights, 
         ref = ImageClassification(crop_size=pre["crop"], resize_size=pre["resize"], mean=pre["mean"],
                                   std=pre["std"])
     for path in tiny["good"]:
-        x = predict.load_image(path, pre)
+        x = prediction.load_image(path, pre)
         assert x.shape == (3, pre["crop"], pre["crop"])
         assert torch.equal(x, ref(Image.open(path).convert("RGB")))
 
 
 def test_check_preprocess_reads_older_checkpoints_and_rejects_unknown_framing():
-    assert predict.check_preprocess(dict(SMALL))["crop_mode"] == "center"   # written before --crop-mode
-    assert predict.check_preprocess(dict(SMALL, crop_mode="squash"))["crop_mode"] == "squash"
-    with pytest.raises(predict.PredictError, match="best.pth: unknown crop_mode 'border'; valid: center, squash"):
-        predict.check_preprocess(dict(SMALL, crop_mode="border"), "best.pth")
+    assert prediction.check_preprocess(dict(SMALL))["crop_mode"] == "center"   # written before --crop-mode
+    assert prediction.check_preprocess(dict(SMALL, crop_mode="squash"))["crop_mode"] == "squash"
+    with pytest.raises(prediction.PredictError, match="best.pth: unknown crop_mode 'border'; valid: center, squash"):
+        prediction.check_preprocess(dict(SMALL, crop_mode="border"), "best.pth")
 
 
 def test_predict_on_a_real_image_with_a_101_class_checkpoint(real_split, tmp_path, capsys):
@@ -150,7 +153,7 @@ def test_predict_on_a_real_image_with_a_101_class_checkpoint(real_split, tmp_pat
     assert len(classes) == 101
     image = sorted((real_split / "test" / classes[40]).iterdir())[0]
     torch.manual_seed(1)
-    model = common.build_model("resnet18", 101, "none")
+    model = nets.build_model("resnet18", 101, "none")
     with torch.no_grad():  # a head that answers classes[40] whatever it sees: the index -> name map is tested
         model.fc.weight.zero_()
         model.fc.bias.zero_()
@@ -190,11 +193,11 @@ def write_run(root, rel, arch, weights, unfreeze, val, test, lr=3e-4, wd=1e-5, b
     d = root / rel
     d.mkdir(parents=True)
     config = {"arch": arch, "weights": weights, "unfreeze": unfreeze, "batch_size": batch, "epochs": epochs,
-              "lr": lr, "weight_decay": wd, "img_size": report.OWN_IMG_SIZE[arch], "script": rel.split("/")[0]}
+              "lr": lr, "weight_decay": wd, "img_size": OWN_IMG_SIZE[arch], "script": rel.split("/")[0]}
     metrics = {"test_top1": test, "test_top5": test + 5, "test_mean_class_acc": test - 1, "best_val_top1": val,
                "best_epoch": 7, "epochs": epochs, "train_seconds": 60.0}
     (d / "config.json").write_text(json.dumps(config))
-    (d / "metrics.json").write_text(json.dumps(metrics))  # NaN is written as NaN, as common.write_json does
+    (d / "metrics.json").write_text(json.dumps(metrics))  # NaN is written as NaN, as records.write_json does
 
 
 def parse_table(text):
@@ -273,9 +276,9 @@ def test_report_on_an_empty_folder_fails_and_writes_nothing(tmp_path):
     ("features.7,features.8", "efficientnet_b4", "features.7, features.8"),
 ])
 def test_trained_part_in_words(spec, arch, words):
-    assert report.trained_part(spec, arch) == words
+    assert trained_part(spec, arch) == words
 
 
 def test_rates_are_written_like_the_paper():
-    assert [report.fmt_rate(v) for v in (3e-4, 1e-5, 5e-5, 2.5e-4, 1e-3, 0.01, 0.1, 0)] == [
+    assert [fmt_value(v) for v in (3e-4, 1e-5, 5e-5, 2.5e-4, 1e-3, 0.01, 0.1, 0)] == [
         "3e-4", "1e-5", "5e-5", "2.5e-4", "1e-3", "0.01", "0.1", "0"]

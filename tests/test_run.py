@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import common
-from study import devices
+from study import loop, nets, options, steps
+from study import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--limit-per-class", "8", "--img-size", "64", "--workers", "0"]
@@ -83,11 +84,11 @@ def test_rerun_without_resume_refuses_and_loses_nothing(smoke_run, real_split):
 
 
 def config_for(data, out, **over):
-    parser = common.get_args_parser(dict(arch="resnet18", batch_size=16, epochs=3, scratch_epochs=3, lr=1e-3,
+    parser = options.get_args_parser(dict(arch="resnet18", batch_size=16, epochs=3, scratch_epochs=3, lr=1e-3,
                                          weight_decay=1e-4, unfreeze="last:1"))
     args = parser.parse_args(["--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "32",
                               "--limit-per-class", "4", "--workers", "0", "--cache-dir", str(out / "cache")])
-    c = common.resolve_config(args, dict(epochs=3, scratch_epochs=3, unfreeze="last:1"), "main_test")
+    c = options.resolve_config(args, dict(epochs=3, scratch_epochs=3, unfreeze="last:1"), "main_test")
     c.update(over)
     return c
 
@@ -109,6 +110,26 @@ def test_resume_continues_at_the_next_epoch_with_the_same_lr_and_the_same_result
     steps = lambda d: [e.step for e in tb_scalars(d).Scalars("Loss/train")]
     assert steps(tmp_path / "main_test" / "cut") == [1, 2, 3]
     assert lrs(tmp_path / "main_test" / "cut") == lrs(tmp_path / "main_test" / "full")
+
+
+def folder_bytes(folder):
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def test_a_finished_run_without_last_pth_is_never_overwritten(tiny_split, tmp_path):
+    """A user deletes last.pth to save disk and keeps best.pth: the same command, and --resume auto,
+    refuse in one line naming the folder, and no file in it changes."""
+    c = config_for(tiny_split, tmp_path, name="kept", epochs=1)
+    common.fit(c)
+    run_dir = tmp_path / "main_test" / "kept"
+    (run_dir / "last.pth").unlink()
+    before = folder_bytes(run_dir)
+    assert {"best.pth", "metrics.json", "config.json"} <= set(before)
+    with pytest.raises(SystemExit, match=f"^error: {run_dir} already holds a run \\(best.pth, metrics.json\\)"):
+        common.fit(c)
+    with pytest.raises(SystemExit, match=f"^error: --resume auto: the run in {run_dir} is finished"):
+        common.fit(dict(c, resume="auto"))
+    assert folder_bytes(run_dir) == before
 
 
 R50_DEFAULTS = dict(arch="resnet50", batch_size=32, epochs=30, scratch_epochs=50, lr=1e-3, weight_decay=1e-5,
@@ -183,7 +204,7 @@ def test_head_only_caches_features_once_and_leaves_the_backbone_bit_identical(ti
                                          ("main_ResNet-101.py", "resnet101"), ("main_Efficient_B4.py", "efficientnet_b4")])
 def test_each_script_runs_from_a_local_state_dict(tiny_split, tmp_path, script, arch):
     weights = tmp_path / f"{arch}.pth"  # stands in for the ImageNet file: torchvision's layout, 1000 classes
-    torch.save(common.build_model(arch, 1000, "none").state_dict(), weights)
+    torch.save(nets.build_model(arch, 1000, "none").state_dict(), weights)
     r = run_script(script, "--data", tiny_split, "--out", tmp_path / "runs", "--weights", weights, "--epochs", "1",
                    "--img-size", "32", "--workers", "0", "--batch-size", "16", "--cache-dir", tmp_path / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -201,18 +222,18 @@ def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_p
 
     weights = tmp_path / "lite0.pth"
     torch.save(efficientnet_lite.imagenet_state_dict(), weights)
-    parser = common.get_args_parser(dict(arch="efficientnet_lite0", batch_size=16, epochs=1, scratch_epochs=1,
+    parser = options.get_args_parser(dict(arch="efficientnet_lite0", batch_size=16, epochs=1, scratch_epochs=1,
                                          lr=1e-3, weight_decay=1e-4, unfreeze="last:1"))
     args = parser.parse_args(["--data", str(tiny_split), "--out", str(tmp_path), "--weights", str(weights),
                               "--img-size", "64", "--workers", "0", "--probe-epochs", "15", "--precision", "fp32",
                               "--cache-dir", str(tmp_path / "cache")])
-    config = common.resolve_config(args, dict(epochs=1, scratch_epochs=1, unfreeze="last:1"), "main_test")
-    run = common.start_run(config)  # seeds the new head's initialisation from --seed, then trains features.8
-    budget = devices.MemoryBudget(devices.memory_limit(run.device))
-    loaders, options = common.build_loaders(run, budget)
+    config = options.resolve_config(args, dict(epochs=1, scratch_epochs=1, unfreeze="last:1"), "main_test")
+    run = steps.start_run(config)  # seeds the new head's initialisation from --seed, then trains features.8
+    budget = hardware.MemoryBudget(hardware.memory_limit(run.device))
+    loaders, loader_opts = steps.build_loaders(run, budget)
     model = run.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    best = common.linear_probe(run, loaders, common.eval_sources(run, loaders, options), None, budget)
+    best = steps.linear_probe(run, loaders, steps.eval_sources(run, loaders, options), None, budget)
     assert budget.held["features"] > 0  # the features the head trained on are counted
     after = model.state_dict()
     moved = {k for k in after if not torch.equal(before[k], after[k])}
@@ -227,16 +248,16 @@ def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_p
 
 
 def test_a_validation_tie_goes_to_the_lower_loss():
-    assert common.improves({"top1": 97.1, "loss": 0.94}, {"top1": 97.1, "loss": 0.95})
-    assert not common.improves({"top1": 97.1, "loss": 0.96}, {"top1": 97.1, "loss": 0.95})
-    assert common.improves({"top1": 97.2, "loss": 2.0}, {"top1": 97.1, "loss": 0.95})   # top-1 first
-    assert not common.improves({"top1": 97.0, "loss": 0.1}, {"top1": 97.1, "loss": 0.95})
-    assert not common.improves({"top1": 97.1, "loss": 0.1}, {"top1": 97.1})   # an older checkpoint's best
+    assert loop.improves({"top1": 97.1, "loss": 0.94}, {"top1": 97.1, "loss": 0.95})
+    assert not loop.improves({"top1": 97.1, "loss": 0.96}, {"top1": 97.1, "loss": 0.95})
+    assert loop.improves({"top1": 97.2, "loss": 2.0}, {"top1": 97.1, "loss": 0.95})   # top-1 first
+    assert not loop.improves({"top1": 97.0, "loss": 0.1}, {"top1": 97.1, "loss": 0.95})
+    assert not loop.improves({"top1": 97.1, "loss": 0.1}, {"top1": 97.1})   # an older checkpoint's best
 
 
 def test_fit_keeps_the_tied_epoch_with_the_lower_validation_loss(tiny_split, tmp_path, monkeypatch):
     """Validation top-1 ties at epochs 2 and 3, loss falls: best.pth is epoch 3, its weights the last's."""
-    real, calls = common.evaluate, []
+    real, calls = loop.evaluate, []
     scripted = [(50.0, 2.0), (60.0, 1.5), (60.0, 1.2)]
 
     def evaluate(*args, **kw):
@@ -246,7 +267,7 @@ def test_fit_keeps_the_tied_epoch_with_the_lower_validation_loss(tiny_split, tmp
         calls.append(m)
         return m
 
-    monkeypatch.setattr(common, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
     metrics = common.fit(config_for(tiny_split, tmp_path, name="tie"))
     assert (metrics["best_epoch"], metrics["best_val_top1"]) == (3, 60.0)
     run = tmp_path / "main_test" / "tie"

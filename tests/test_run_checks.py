@@ -5,6 +5,7 @@ import json
 import pytest
 
 import common
+from study import loop, nets, options, steps
 from study import data as data_mod
 from study import experiments
 
@@ -23,10 +24,10 @@ DEFAULTS = dict(arch="resnet18", batch_size=8, epochs=2, scratch_epochs=2, lr=1e
 
 
 def config(data, out, *extra, **over):
-    args = common.get_args_parser(DEFAULTS).parse_args(
+    args = options.get_args_parser(DEFAULTS).parse_args(
         ["--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "32", "--workers", "0",
          "--cache-dir", str(out / "cache"), *extra])
-    return dict(common.resolve_config(args, DEFAULTS, "main_test"), **over)
+    return dict(options.resolve_config(args, DEFAULTS, "main_test"), **over)
 
 
 def test_resume_refuses_other_options_naming_each_with_both_values(data, tmp_path):
@@ -36,7 +37,7 @@ def test_resume_refuses_other_options_naming_each_with_both_values(data, tmp_pat
         common.fit(dict(c, resume="auto", val_fraction=0.2, epochs=3))
     msg = str(e.value)
     assert "\n" not in msg and "--val-fraction 0.1 there, 0.2 now" in msg and "--epochs 2 there, 3 now" in msg
-    run_dir = common.run_dir_of(c)
+    run_dir = options.run_dir_of(c)
     assert json.loads((run_dir / "config.json").read_text())["val_fraction"] == 0.1  # nothing lost
     # options that cannot change results may differ
     m = common.fit(dict(c, resume="auto", workers=1, cache_dir=str(tmp_path / "other_cache")))
@@ -48,7 +49,7 @@ def test_resume_of_a_run_carved_by_older_code_is_refused(data, tmp_path):
 
     c = config(data, tmp_path, name="old")
     common.fit(c, stop_after=1)
-    path = common.run_dir_of(c) / "last.pth"
+    path = options.run_dir_of(c) / "last.pth"
     ck = torch.load(path, weights_only=True)
     del ck["config"]["split_seed"]  # as written before --split-seed
     torch.save(ck, path)
@@ -70,9 +71,9 @@ def test_the_validation_carve_depends_on_class_names_and_split_seed_only():
 
 
 def test_seed_varies_the_run_but_not_its_validation_images(data, tmp_path):
-    a = common.prepare_data(config(data, tmp_path, "--seed", "0"))[1]["val"]
-    b = common.prepare_data(config(data, tmp_path, "--seed", "3"))[1]["val"]
-    c = common.prepare_data(config(data, tmp_path, "--split-seed", "3"))[1]["val"]
+    a = data_mod.read_data(config(data, tmp_path, "--seed", "0"))[1]["val"]
+    b = data_mod.read_data(config(data, tmp_path, "--seed", "3"))[1]["val"]
+    c = data_mod.read_data(config(data, tmp_path, "--split-seed", "3"))[1]["val"]
     assert a == b and a != c
 
 
@@ -107,20 +108,20 @@ def test_a_grid_with_head_and_last1_trials_records_its_options_and_reruns_nothin
 
     torch.manual_seed(0)
     weights = tmp_path / "r18.pth"  # a "pretrained" state dict saved in the test
-    torch.save(common.build_model("resnet18", 1000, "none").state_dict(), weights)
+    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)
     c = config(data, tmp_path, "--augment", "seed", "--weights", str(weights), grid_spec="unfreeze=head,last:1",
                epochs=1)
-    experiments.run(c, {}, set(), common.fit)
+    experiments.run(c, {}, common.fit)
     grid = tmp_path / "main_test" / "grid"
     assert json.loads((grid / "unfreeze=head" / "config.json").read_text())["augment"] == "seed"  # as given
     mtimes = {p: p.stat().st_mtime_ns for p in grid.rglob("*.pth")}
     assert len(mtimes) == 4
     capsys.readouterr()
-    experiments.run(c, {}, set(), common.fit)
+    experiments.run(c, {}, common.fit)
     assert "nothing to train" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     # --compare after the grid: the winner's own options match its folder, so it is reused, not retrained
-    rows, _ = experiments.run_compare(common.fit, dict(c, grid_spec=None, compare=True), set())
+    rows, _ = experiments.run_compare(common.fit, dict(c, grid_spec=None, compare=True))
     assert rows[0]["run"].startswith("grid/unfreeze=") and rows[0]["status"] == "done"
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
@@ -128,18 +129,18 @@ def test_a_grid_with_head_and_last1_trials_records_its_options_and_reruns_nothin
 def test_the_test_pass_shows_only_wrong_predictions_most_confident_first(data, tmp_path):
     import torch
 
-    from study import devices
+    from study import hardware
     from test_run import tb_scalars
 
     c = config(data, tmp_path, precision="fp32")
     common.fit(c)
-    acc = tb_scalars(common.run_dir_of(c))
+    acc = tb_scalars(options.run_dir_of(c))
     assert {"Test/confusion_matrix", "Test/worst_mistakes"} <= set(acc.Tags()["images"])
-    run = common.start_run(dict(c, name="again"))
-    run.model.load_state_dict(torch.load(common.run_dir_of(c) / "best.pth", weights_only=True)["model"])
-    loaders, _ = common.build_loaders(run, devices.MemoryBudget(devices.memory_limit(run.device)))
+    run = steps.start_run(dict(c, name="again"))
+    run.model.load_state_dict(torch.load(options.run_dir_of(c) / "best.pth", weights_only=True)["model"])
+    loaders, _ = steps.build_loaders(run, hardware.MemoryBudget(hardware.memory_limit(run.device)))
     test = loaders["test"]
-    m = common.evaluate(run.model, test, torch.nn.CrossEntropyLoss(), run.device, None, 4, mistakes=32)
+    m = loop.evaluate(run.model, test, torch.nn.CrossEntropyLoss(), run.device, None, 4, mistakes=32)
     wrong = m["images"] - int(m["confusion"].diag().sum())
     assert wrong > 0 and len(m["mistakes"]) == min(32, wrong)
     for i, true, pred, prob in m["mistakes"]:

@@ -2,10 +2,7 @@
 schedule and augmentation; the tuned one's parts (SGD, zero-init residual, TrivialAugment/RandAugment,
 erasing, MixUp/CutMix, the weights' moving average, flip test-time augmentation) do what they say, and
 the average is what best.pth and predict.py hold."""
-import subprocess
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,8 +11,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from study import augment as A
 import common
+from study import data, loop, nets, steps
 from study import options
-import predict
+from study import prediction
 from study import records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +63,10 @@ def test_comparison_random_side_gets_the_recipe_and_grid_trials_keep_their_axes(
 def built_optimizer(argv, tmp_path):
     """make_optimizer on a real (tiny) run: -> (optimizer, scheduler, run)."""
     c = config(argv + ["--img-size", "32", "--workers", "0", "--out", str(tmp_path)])
-    run = common.Run(c, 0, 1, torch.device("cpu"), None, {}, tmp_path, None, [str(i) for i in range(5)], {},
-                     common.build_model("resnet18", 5, "none"), records.FolderLock(tmp_path), None)
-    pre = common.make_preprocess("resnet18", 32, c["crop_mode"])
-    (opt, sched, _), _ = common.make_optimizer(run, 20, pre)
+    run = steps.Run(c, 0, 1, torch.device("cpu"), None, {}, tmp_path, None, [str(i) for i in range(5)], {},
+                     nets.build_model("resnet18", 5, "none"), records.FolderLock(tmp_path), None)
+    pre = nets.make_preprocess("resnet18", 32, c["crop_mode"])
+    (opt, sched, _), _ = steps.make_optimizer(run, 20, pre)
     return opt, sched, run
 
 
@@ -76,9 +74,9 @@ def test_original_recipe_builds_todays_optimizer_schedule_and_augmentation(tmp_p
     """As the code before --scratch-recipe: AdamW over param_groups at lr 3e-4, warm-up + cosine,
     the ResNet-18 script's augmentation, no batch step."""
     opt, sched, run = built_optimizer(["--weights", "none", "--scratch-recipe", "original"], tmp_path)
-    ref = torch.optim.AdamW(common.param_groups(run.model, "resnet18", 3e-4, 1e-5, 1.0))
+    ref = torch.optim.AdamW(nets.param_groups(run.model, "resnet18", 3e-4, 1e-5, 1.0))
     assert type(opt) is torch.optim.AdamW and opt.defaults == ref.defaults
-    ref_sched = common.lr_schedule(ref, 20, 50)
+    ref_sched = loop.lr_schedule(ref, 20, 50)
     assert [(g["initial_lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == \
         [(g["initial_lr"], g["weight_decay"], len(g["params"])) for g in ref.param_groups]
     assert {g["initial_lr"] for g in opt.param_groups} == {3e-4}
@@ -185,7 +183,7 @@ def test_ema_checkpoint_holds_the_averaged_weights_and_predict_uses_them(tiny_sp
             "--data", str(tiny_split), "--out", str(tmp_path)]
     c = config(argv)
     common.fit(c, stop_after=1)
-    run_dir = common.run_dir_of(c)
+    run_dir = options.run_dir_of(c)
     first = records.load_checkpoint(run_dir / "last.pth")
     # resuming: the trained weights continue training, the average continues averaging
     m = common.fit(config(argv + ["--resume", "auto"]))
@@ -194,18 +192,19 @@ def test_ema_checkpoint_holds_the_averaged_weights_and_predict_uses_them(tiny_sp
     assert last["epoch"] == 2 and last["ema_steps"] == 2 * first["ema_steps"] > 0
     key = "layer4.1.conv2.weight"
     assert not torch.equal(last["model"][key], last["online_model"][key])
-    model = predict.load_model(run_dir / "best.pth")[0]
+    model = prediction.load_model(run_dir / "best.pth")[0]
     assert torch.equal(model.state_dict()[key], best["model"][key])
     # the best epoch's validation top-1 is the averaged weights' own
     assert m["best_val_top1"] == best["best"]["top1"]
 
 
-def test_ema_is_refused_where_the_frozen_part_runs_once(tiny_split, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "main_ResNet-18.py"), "--unfreeze", "head", "--ema", "0.99",
-                        "--data", str(tiny_split), "--img-size", "32", "--workers", "0", "--epochs", "1",
-                        "--out", str(tmp_path), "--weights", "none"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode != 0 and "--ema averages the whole network" in r.stderr
+@pytest.mark.parametrize("part", [["--unfreeze", "head"], ["--unfreeze", "last:1", "--augment", "none"]])
+def test_ema_is_refused_before_any_cache_is_built_where_the_frozen_part_runs_once(tiny_split, tmp_path, part):
+    c = config(["--data", str(tiny_split), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+                "--img-size", "32", "--workers", "0", "--epochs", "1", "--weights", "none", "--ema", "0.99", *part])
+    with pytest.raises(SystemExit, match="--ema averages the whole network"):
+        common.fit(c)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "main_test").exists()
 
 
 def test_configs_written_before_the_scratch_options_still_match():
@@ -224,14 +223,14 @@ def tiny_run(split, out, *extra):
     """A real one-epoch run from random weights on the tiny split, 32 px, fp32 -> (config, metrics, run dir)."""
     c = config(["--weights", "none", "--img-size", "32", "--workers", "0", "--epochs", "1", "--batch-size", "8",
                 "--precision", "fp32", "--data", str(split), "--out", str(out), *extra])
-    return c, common.fit(c), common.run_dir_of(c)
+    return c, common.fit(c), options.run_dir_of(c)
 
 
 def by_hand(c, run_dir, split, tta):
     """best.pth's network on the split's images as the run's loader serves them: softmax probabilities
     (averaged with the mirror's when tta), the cross-entropy with the run's label smoothing, the labels."""
-    model = predict.load_model(run_dir / "best.pth")[0]
-    loader = common.make_loader(common.prepare_data(c)[1][split], common.loader_options(c, torch.device("cpu")),
+    model = prediction.load_model(run_dir / "best.pth")[0]
+    loader = steps.make_loader(data.read_data(c)[1][split], steps.loader_options(c, torch.device("cpu")),
                                 train=False, augment="none", batch_size=8)
     x, y = (torch.cat(t) for t in zip(*loader))
     with torch.no_grad():
@@ -256,10 +255,10 @@ def test_tta_flip_averages_the_mirrors_probabilities_in_validation_the_test_and_
     assert best["top1"] == pytest.approx(100 * (p_val.argmax(1) == y_val).double().mean().item())
     assert best["loss"] == pytest.approx(val_loss, abs=1e-5)
     # predict.py on the run's checkpoint: the same averaging, on its own preprocessing of the files
-    model, classes, pre = predict.load_model(run_dir / "best.pth")
+    model, classes, pre = prediction.load_model(run_dir / "best.pth")
     paths = [str(s) for s in sorted((tiny_split / "test").rglob("*.jpg"))[:4]]
-    got = list(predict.predict_paths(model, classes, pre, paths, device=torch.device("cpu"), k=3))
-    batch = torch.stack([predict.load_image(f, pre) for f in paths])
+    got = list(prediction.predict_paths(model, classes, pre, paths, device=torch.device("cpu"), k=3))
+    batch = torch.stack([prediction.load_image(f, pre) for f in paths])
     with torch.no_grad():
         want = ((model(batch).softmax(1) + model(batch.flip(3)).softmax(1)) / 2).topk(3)
     assert pre["tta"] == "flip"
@@ -270,7 +269,7 @@ def test_tta_flip_averages_the_mirrors_probabilities_in_validation_the_test_and_
 
 def test_without_tta_the_test_pass_reads_the_plain_softmax(tiny_split, tmp_path):
     c, m, run_dir = tiny_run(tiny_split, tmp_path)
-    assert c["tta"] == "none" and predict.load_model(run_dir / "best.pth")[2]["tta"] == "none"
+    assert c["tta"] == "none" and prediction.load_model(run_dir / "best.pth")[2]["tta"] == "none"
     assert m["test_loss"] == pytest.approx(by_hand(c, run_dir, "test", tta=False)[1], abs=1e-5)
 
 
@@ -281,7 +280,5 @@ def test_options_on_images_are_refused_on_cached_features():
     # erasing boxes and mixed images mean nothing on a feature vector
     with pytest.raises(SystemExit, match="--erasing 0.25 and --mixup 0.2 act on images: not with --unfreeze head"):
         config(["--unfreeze", "head", "--erasing", "0.25", "--mixup", "0.2"])
-    assert common.frozen_wanted(SimpleNamespace(world=1, config=config(
-        ["--unfreeze", "last:1", "--augment", "none", "--cutmix", "1.0"]))) is False
-    assert common.frozen_wanted(SimpleNamespace(world=1, config=config(
-        ["--unfreeze", "last:1", "--augment", "none"]))) is True
+    assert steps.frozen_wanted(config(["--unfreeze", "last:1", "--augment", "none", "--cutmix", "1.0"]), 1) is False
+    assert steps.frozen_wanted(config(["--unfreeze", "last:1", "--augment", "none"]), 1) is True

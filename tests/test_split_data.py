@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import split_data
-from split_data import (BACKGROUND, SPLIT_FILE, UnsafeArchiveError, check_images, disk_diff,
-                        download, file_md5, find_class_root, main, safe_extract, split_class)
+from split_data import get_args_parser, main
+from study import archive, splitting
+from study.archive import UnsafeArchiveError, download, file_md5, safe_extract
+from study.data import class_seed, split_fingerprint
+from study.splitting import BACKGROUND, SPLIT_FILE, check_images, disk_diff, find_class_root, split_class
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -165,7 +167,7 @@ def test_real_split_identical_from_archive_and_folder(real_runs):
     assert a["args"].pop("source").endswith("101_ObjectCategories.tar.gz")
     assert b["args"].pop("source") == str(real_runs["src"].resolve())
     assert a == b  # same classes, file lists, counts, fingerprint: only the source path differs
-    assert a["fingerprint"] == split_data.split_fingerprint(b["classes"], b["train"], b["test"])
+    assert a["fingerprint"] == split_fingerprint(b["classes"], b["train"], b["test"])
 
 
 def test_real_sources_unchanged(real_runs):
@@ -216,7 +218,7 @@ def test_split_class_exact_floor_and_stable_seed():
     assert (len(train), len(test)) == (29, 71) and sorted(train + test) == files
     assert split_class(list(reversed(files)), 0.29, 42, "c") == (train, test)
     # A fixed value: sha256("42/accordion")[:8], so any machine gets the same generator.
-    assert split_data.class_seed(42, "accordion") == int(hashlib.sha256(b"42/accordion").hexdigest()[:16], 16)
+    assert class_seed(42, "accordion") == int(hashlib.sha256(b"42/accordion").hexdigest()[:16], 16)
 
 
 def test_non_images_and_truncated_skipped_grayscale_kept(tmp_path):
@@ -315,7 +317,7 @@ def test_interrupted_build_leaves_old_split_and_no_temp(crafted, tmp_path, monke
     out = tmp_path / "out"
     run(["--source", crafted, "--out", out])
     before, json_before = snapshot(out, inodes=True), (out / SPLIT_FILE).read_bytes()
-    calls, real_place = [], split_data._place
+    calls, real_place = [], splitting._place
 
     def dying_place(src, dst, link):
         calls.append(dst)
@@ -323,11 +325,11 @@ def test_interrupted_build_leaves_old_split_and_no_temp(crafted, tmp_path, monke
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-copy
         return real_place(src, dst, link)
 
-    monkeypatch.setattr(split_data, "_place", dying_place)
+    monkeypatch.setattr(splitting, "_place", dying_place)
     with pytest.raises(KeyboardInterrupt):
         run(["--source", crafted, "--out", out, "--seed", "3", "--force"])
     assert snapshot(out, inodes=True) == before and (out / SPLIT_FILE).read_bytes() == json_before
-    monkeypatch.setattr(split_data, "_place", real_place)
+    monkeypatch.setattr(splitting, "_place", real_place)
     (out / ".split_data-killed").mkdir()  # what a SIGKILLed run leaves
     (out / ".split_data-killed" / "x").write_text("x")
     _, stdout, _ = run(["--source", crafted, "--out", out, "--seed", "3", "--force"])
@@ -476,8 +478,8 @@ def test_download_file_url_and_defaults(tmp_path):
     src.write_bytes(b"payload")
     dest = download(src.as_uri(), tmp_path / "d" / "caltech-101.zip", hashlib.md5(b"payload").hexdigest())
     assert dest.read_bytes() == b"payload" and sorted(os.listdir(dest.parent)) == ["caltech-101.zip"]
-    assert split_data.OFFICIAL_URL == "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
-    assert split_data.OFFICIAL_MD5 == "3138e1922a9193bfa496528edbbc45d0"
+    assert archive.OFFICIAL_URL == "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
+    assert archive.OFFICIAL_MD5 == "3138e1922a9193bfa496528edbbc45d0"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -500,7 +502,7 @@ def test_out_inside_source_refused(crafted):
 
 
 def test_every_option_has_help():
-    parser = split_data.get_args_parser()
+    parser = get_args_parser()
     options = [a for a in parser._actions if a.dest != "help"]
     assert {a.dest for a in options} >= {"source", "out", "train_ratio", "seed", "keep_background", "force",
                                          "download", "url", "md5", "workers", "copy"}

@@ -1,0 +1,176 @@
+"""The training loop: one epoch of training, one evaluation, their metrics, the schedule and
+the rule that picks the best epoch. Plain functions that take what they use and return dicts."""
+import math
+import time
+
+import torch
+
+from .hardware import autocast
+from .processes import all_reduce
+from . import nets, processes
+from .nets import set_train_mode
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def top5_correct(logits, y):
+    """Images whose class is among the 5 highest logits; None with fewer than 5 classes (it would
+    be every image, and mean nothing)."""
+    if logits.shape[1] < 5:
+        return None
+    return logits.topk(5, dim=1).indices.eq(y[:, None]).any(dim=1).sum()
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtype, *, epoch, scaler=None,
+                    clip=1.0, show_bar=True, bn_stats="train", batch_step=None):
+    """One pass over the loader (images, or cached outputs of a frozen part).
+    batch_step: (x, y) -> (x, target) on each batch (augment.batch_augment: auto-augment, erasing, MixUp/CutMix,
+    whose targets are class probabilities; top-1 then counts the dominant class).
+    -> {loss, top1, images, seconds}, summed over processes."""
+    from tqdm import tqdm
+
+    set_train_mode(model, bn_stats)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, start, step_losses = 0, time.perf_counter(), []
+    # disable=None: no bar when stderr is not a terminal (logs, CI), only the per-epoch line
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None if show_bar else True,
+               dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar, 1):
+        if x.ndim == 4:
+            x = x.to(memory_format=torch.channels_last)
+        target = y
+        if batch_step is not None:
+            x, target = batch_step(x, y)
+            y = target.argmax(1) if target.ndim == 2 else target
+        with autocast(device, dtype):
+            logits = model(x)
+            loss = criterion(logits.float(), target)
+        backward_and_step(loss, optimizer, params, scaler, clip)
+        scheduler.step()
+        step_losses.append(loss.detach())
+        loss_sum += loss.detach().double() * y.shape[0]
+        correct += logits.argmax(1).eq(y).sum()
+        seen += y.shape[0]
+        if step % 10 == 0 or step == len(loader):  # read back rarely: each read waits for the GPU
+            check_finite(step_losses, epoch, step - len(step_losses) + 1)
+            step_losses = []
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    totals = all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(seen, device=device).double()]))
+    n = max(totals[2].item(), 1)
+    return {"loss": totals[0].item() / n, "top1": 100 * totals[1].item() / n, "images": int(totals[2].item()),
+            "seconds": time.perf_counter() - start}
+
+
+def backward_and_step(loss, optimizer, params, scaler=None, clip=1.0):
+    """Backward, gradient clipping at norm `clip`, optimizer step; with an fp16 GradScaler if given
+    (it skips the step when a gradient is inf or nan, and lowers its scale)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    else:
+        loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def check_finite(losses, epoch, first_step):
+    """Raise NonFiniteLoss at the first non-finite loss of these steps. Under torchrun the processes
+    agree here (every one reads back at the same step): each raises it for the first such step of
+    any process, so all stop together and a DDP grid records the trial and goes on."""
+    bad = (~torch.isfinite(torch.stack(losses))).nonzero()
+    first = torch.tensor([float(bad[0]) if len(bad) else math.inf], dtype=torch.float64, device=losses[0].device)
+    first = all_reduce(first, op="min").item()
+    if first < math.inf:
+        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_step + int(first)}; stopping "
+                            f"(the last good checkpoint stays; try a lower --lr or --precision fp32)")
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, device, dtype, num_classes, mistakes=0, tta="none"):
+    """-> {loss, top1, top5, mean_class_acc, per_class, confusion, mistakes} over every sample of
+    every process. mistakes: how many of the most confident wrong predictions to keep, as
+    (sample index, true class, predicted class, probability), most confident first.
+    tta: --tta, for batches of images (nets.evaluation_logits); none on cached features."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes, num_classes, device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long) if num_classes >= 5 else None
+    wrong = []
+    for idx, (x, y) in zip(loader.batch_indices(), loader):
+        if x.ndim == 4:
+            x = x.to(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits = nets.evaluation_logits(model, x, tta)
+        loss_sum += criterion(logits, y).double() * y.shape[0]
+        if top5 is not None:
+            top5 += top5_correct(logits, y)
+        confusion.index_put_((y, logits.argmax(1)), torch.ones_like(y), accumulate=True)
+        if mistakes:
+            wrong += worst_mistakes(logits, y, idx, mistakes)
+    all_reduce(confusion)
+    totals = all_reduce(torch.stack([loss_sum, top5.double() if top5 is not None else loss_sum * 0]))
+    m = metrics_from_confusion(confusion.cpu(), loss_sum=totals[0].item(),
+                               top5=None if top5 is None else totals[1].item())
+    # every process passes the same `mistakes`, so all or none of them gather
+    m["mistakes"] = sorted(processes.gather_lists(wrong), key=lambda t: -t[3])[:mistakes] if mistakes else []
+    return m
+
+
+def worst_mistakes(logits, y, idx, n):
+    """The batch's n most confident wrong predictions: [(sample index, true, predicted, probability)]."""
+    prob, pred = logits.softmax(1).max(1)
+    bad = (pred != y).nonzero().flatten()
+    bad = bad[prob[bad].argsort(descending=True)[:n]].cpu()
+    return [(int(idx[i]), int(y[i]), int(pred[i]), float(prob[i])) for i in bad]
+
+
+def metrics_from_confusion(confusion, loss_sum=0.0, top5=None):
+    """Rows: true class, columns: predicted. Percentages, like the original table."""
+    n = confusion.sum().item()
+    per_class_n = confusion.sum(1)
+    present = per_class_n > 0
+    per_class = torch.where(present, confusion.diag() / per_class_n.clamp(min=1), torch.nan)
+    return {"loss": loss_sum / max(n, 1), "top1": 100 * confusion.diag().sum().item() / max(n, 1),
+            "top5": None if top5 is None else 100 * top5 / max(n, 1),
+            "mean_class_acc": 100 * per_class[present].mean().item() if n else 0.0,
+            "per_class": [None if math.isnan(v) else 100 * v for v in per_class.tolist()],
+            "images": int(n), "confusion": confusion}
+
+
+def lr_schedule(optimizer, steps_per_epoch, epochs, warmup_epochs=1.0):
+    """Linear warm-up (1 epoch, at most a tenth of the run), then cosine to 0; stepped every batch."""
+    total = max(1, steps_per_epoch * epochs)
+    warm = max(1, min(int(warmup_epochs * steps_per_epoch), total // 10))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def improves(m, best):
+    """Checkpoint selection on validation: higher top-1; on a tie, lower loss. Ties are common (on a
+    few hundred images top-1 moves in coarse steps and stalls as the cosine schedule ends), and the
+    loss tells the tied epochs apart. m: metrics with top1 and loss; best: the same keys (older
+    checkpoints lack loss: any tie then counts as no better)."""
+    return (m["top1"], -m["loss"]) > (best["top1"], -best.get("loss", -math.inf))
+
+
+def best_record(vm, epoch):
+    """What a checkpoint keeps of its best epoch; vm None (no validation part): every epoch is best."""
+    if vm is None:
+        return {"top1": float("nan"), "epoch": epoch}
+    return {"top1": vm["top1"], "loss": vm["loss"], "epoch": epoch}
+
