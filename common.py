@@ -196,8 +196,7 @@ def interrupted_line(config, argv):
     single = not (config["grid"] or config["grid_spec"] or config["compare"] or config["halving"])
     if single:
         folder = steps.run_folder(config)
-        given = any(a == "--resume" or a.startswith("--resume=") for a in argv)
-        resume = [] if given else ["--resume", "auto"]  # a grid resumes by rerunning it
+        resume = [] if "resume" in config["explicit"] else ["--resume", "auto"]  # a grid resumes by rerunning it
     else:  # a grid's own folder; a comparison's depends on an earlier grid: its script's folder
         is_grid = config["grid"] or config["grid_spec"]
         folder = Path(config["out"]) / config["script"] / (config["name"] or "grid" if is_grid else "")

@@ -33,7 +33,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from .errors import fail
-from .records import atomic_write, write_json
+from .processes import machine_cores
+from .records import FolderLock, atomic_write, write_json
 
 TRAIN_LONG_RATIO = 1.5
 CACHE_VERSION = 1
@@ -76,6 +77,16 @@ def _cache_key(paths: list[str], geo: dict) -> str:
     return h.hexdigest()[:20]
 
 
+def evaluation_frame(img, p):
+    """The evaluation framing of a PIL image (p: a preprocess dict): the shorter side resized to
+    p["resize"] px and the centre p["crop"] px cut out, or (crop_mode squash) the whole image resized
+    to crop x crop. The one definition: the decode cache and predict.py frame through it."""
+    mode = InterpolationMode(p["interpolation"])
+    if p.get("crop_mode") == "squash":
+        return TF.resize(img, [p["crop"], p["crop"]], interpolation=mode)
+    return TF.center_crop(TF.resize(img, p["resize"], interpolation=mode), p["crop"])
+
+
 def _decode_one(path: str, geo: dict) -> tuple[np.ndarray, list[int]] | None:
     """Decode + resize one file -> (HWC uint8 in the cache layout, [h0, w0]); None if unreadable."""
     try:
@@ -85,12 +96,7 @@ def _decode_one(path: str, geo: dict) -> tuple[np.ndarray, list[int]] | None:
         return None
     interp = INTERPOLATIONS[geo["interpolation"]]
     if geo["kind"] == "eval":
-        mode = InterpolationMode(geo["interpolation"])
-        if geo.get("crop_mode") == "squash":
-            out = TF.resize(im, [geo["crop"], geo["crop"]], interpolation=mode)
-        else:
-            out = TF.center_crop(TF.resize(im, geo["resize"], interpolation=mode), geo["crop"])
-        return np.asarray(out), [geo["crop"], geo["crop"]]
+        return np.asarray(evaluation_frame(im, geo)), [geo["crop"], geo["crop"]]
     w0, h0 = _resized_size(*im.size, geo["resize"])
     stored_long = min(max(w0, h0), geo["long"])
     canvas = np.zeros(_cache_shape(geo), np.uint8)
@@ -160,8 +166,7 @@ def _decode_all(tmp: str, paths: list[str], geo: dict, progress: bool) -> list:
     """Decode every file into the reserved file tmp, in pool processes -> each image's size."""
     chunk = 32   # images per pool task: large enough to amortise the task overhead
     chunks = [list(enumerate(paths))[i:i + chunk] for i in range(0, len(paths), chunk)]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    procs = max(1, min(cores or 1, len(chunks)))
+    procs = max(1, min(machine_cores(), len(chunks)))
     sizes = [None] * len(paths)
     if progress:
         print(f"building {geo['kind']} cache: {len(paths)} images, {procs} process(es)", flush=True)
@@ -219,9 +224,14 @@ def load_or_build_cache(paths: list[str], geo: dict, cache_dir: str,
                         progress: bool = True) -> tuple[np.ndarray, dict, str]:
     """(images uint8 [N,H,W,3], meta, cache file) of these files in this geometry: the file in
     cache_dir when one was built before, else decoded into it now."""
+    name = f"{geo['kind']}-{_cache_key(paths, geo)}"
+    # processes side by side asking for one cache: the first builds it, the others wait and reuse it
+    with FolderLock(cache_dir, f".{name}.lock", wait=True):
+        return _load_or_build(paths, geo, cache_dir, os.path.join(cache_dir, name), progress)
+
+
+def _load_or_build(paths, geo, cache_dir, stem, progress):
     start = time.perf_counter()
-    os.makedirs(cache_dir, exist_ok=True)
-    stem = os.path.join(cache_dir, f"{geo['kind']}-{_cache_key(paths, geo)}")
     npy, meta_path = stem + ".npy", stem + ".json"
     if os.path.exists(npy) and os.path.exists(meta_path):   # json is written last
         with open(meta_path) as f:

@@ -161,13 +161,3 @@ def convert_state_dict(src: dict) -> dict:
 def imagenet_state_dict() -> dict:
     """The package's ImageNet weights (1000-class head) under our module names."""
     return convert_state_dict(torch.load(weights_file(), weights_only=True, map_location="cpu"))
-
-
-def eval_transform(preprocess: dict | None = None):
-    """torchvision transform for evaluation: resize shorter side, centre crop, normalise."""
-    from torchvision import transforms as T
-
-    p = PREPROCESS if preprocess is None else preprocess
-    mode = T.InterpolationMode(p["interpolation"])
-    return T.Compose([T.Resize(p["resize"], interpolation=mode), T.CenterCrop(p["crop"]),
-                      T.ToTensor(), T.Normalize(p["mean"], p["std"])])

@@ -21,7 +21,7 @@ from torchvision.ops import StochasticDepth
 from .hardware import autocast
 from .nets import forward_sequence, make_preprocess, preprocess_dict, set_train_mode
 from .pipeline import to_device
-from .records import load_checkpoint, save_checkpoint
+from .records import FolderLock, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -155,14 +155,15 @@ def features_path(config, split, samples, dtype, digest, device):
 
 def features_before_head(part, split, batches, n, device, dtype, path):
     """(features, labels) of one split before the head, from `path` when it holds them, else
-    computed and kept there."""
-    if path.is_file():
-        obj = load_checkpoint(path)
-        return obj["features"].to(device), obj["labels"].to(device)
-    t = time.perf_counter()
-    f, y = outputs_of(part, batches, n, device, dtype, as_float=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, {"features": f.cpu(), "labels": y.cpu()})
+    computed and kept there (by the first of the processes side by side that ask; the others wait
+    for it and read them)."""
+    with FolderLock(path.parent, f".{path.name}.lock", wait=True):
+        if path.is_file():
+            obj = load_checkpoint(path)
+            return obj["features"].to(device), obj["labels"].to(device)
+        t = time.perf_counter()
+        f, y = outputs_of(part, batches, n, device, dtype, as_float=True)
+        save_checkpoint(path, {"features": f.cpu(), "labels": y.cpu()})
     print(f"{split}: features of {n} images computed in {time.perf_counter() - t:.1f} s (cached in {path})",
           flush=True)
     return f, y

@@ -1,5 +1,6 @@
 """The training loop: one epoch of training, one evaluation, their metrics, the schedule and
 the rule that picks the best epoch. Plain functions that take what they use and return dicts."""
+import copy
 import math
 import time
 
@@ -174,3 +175,31 @@ def best_record(vm, epoch):
         return {"top1": float("nan"), "epoch": epoch}
     return {"top1": vm["top1"], "loss": vm["loss"], "epoch": epoch}
 
+
+class WeightAverage:
+    """--ema: an exponential moving average of a network's trained parameters and of the buffers of
+    the modules that train (BatchNorm's running statistics), kept on the network's device and
+    updated after each optimizer step with one fused lerp: no host copy, no read-back. Frozen
+    parameters never change, so they are not averaged. Step for step what torch's AveragedModel
+    with get_ema_multi_avg_fn(decay) and use_buffers=True computes (the first step copies)."""
+
+    def __init__(self, model, decay):
+        self.module, self.decay, self.steps = copy.deepcopy(model), decay, 0
+        trains = {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(False))}
+        own = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        pairs = [(own[n], p) for n, p in model.named_parameters() if p.requires_grad]
+        pairs += [(own[n], b) for n, b in model.named_buffers() if n.rpartition(".")[0] in trains]
+        self.floats = [pair for pair in pairs if pair[1].is_floating_point()]
+        self.counts = [pair for pair in pairs if not pair[1].is_floating_point()]  # num_batches_tracked: copied
+
+    @torch.no_grad()
+    def update(self):
+        """After an optimizer step (a step the fp16 scaler skips is no step: hook it to the optimizer)."""
+        avg, now = [a for a, _ in self.floats], [b for _, b in self.floats]
+        if self.steps == 0:
+            torch._foreach_copy_(avg, now)
+        else:
+            torch._foreach_lerp_(avg, now, 1 - self.decay)
+        for a, b in self.counts:
+            a.copy_(b)
+        self.steps += 1

@@ -3,11 +3,9 @@ the checks made before anything is written, the run's name and folder, and how t
 the same run may differ.
 """
 import argparse
-import os
 from pathlib import Path
 
-from . import augment
-from . import pipeline
+from . import augment, pipeline, processes
 from .errors import fail
 from .nets import ARCHS, TTAS, parse_unfreeze, weights_preprocess
 
@@ -110,7 +108,9 @@ def get_args_parser(defaults):
       help="decides which train/ images of each class are held out for validation (per class name)")
     a("--seed", type=int, default=0, help="seeds initialisation, batch order, augmentation and dropout")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK)")
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes (0: in the main process)")
+    a("--workers", type=int, default=None,
+      help="data loader processes per process (0: in the main process; default: this machine's cores over the "
+           "processes torchrun started on it, at most 8)")
     a("--resume", default=None, help="PATH to a last.pth, or auto (this run's own last.pth if there is one)")
     a("--limit-per-class", type=int, default=None, help="use at most N images per class of each split (smoke runs)")
     a("--augment", default=d.get("augment", "seed"), choices=augment.AUGMENTS,
@@ -188,14 +188,6 @@ def add_experiment_options(p):
            "together, so its batch is --batch-size times the processes)")
 
 
-def given_options(defaults, argv=None):
-    """The dests of the options on the command line, however spelled (--epochs=1, --epoch 1)."""
-    probe = get_args_parser(defaults)
-    for a in probe._actions:
-        a.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))
-
-
 def resolve_config(args, defaults, script):
     """argparse namespace -> the one config dict; checks ranges before anything is written."""
     c = dict(vars(args))
@@ -207,6 +199,8 @@ def resolve_config(args, defaults, script):
     c["unfreeze"] = c["unfreeze"] or defaults["unfreeze"]
     scratch_rules(c, unfreeze_given=given)
     c["img_size"] = c["img_size"] or weights_preprocess(c["arch"])["crop"]
+    if c["workers"] is None:  # 8 processes on 16 cores: 2 workers each, not 8
+        c["workers"] = min(8, processes.cores_each())
     check_config(c)
     return c
 

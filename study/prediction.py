@@ -8,8 +8,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+
 from . import nets, pipeline, records
 from .data import is_image_name
+from .decode_cache import evaluation_frame
 
 CHECKPOINT_KEYS = ("model", "classes", "arch", "preprocess")
 PREPROCESS_KEYS = ("crop", "resize", "mean", "std", "interpolation")
@@ -65,16 +67,9 @@ def check_preprocess(pre, source="checkpoint"):
 # Images: preprocessing exactly as torchvision's evaluation presets do it.
 # --------------------------------------------------------------------------------------------
 def build_transform(preprocess):
-    """Resize the shorter side to `resize` px and centre-crop `crop` px (crop_mode squash: resize the
-    whole image to crop x crop), scale to [0, 1], normalise."""
-    mode = InterpolationMode(preprocess["interpolation"])
-    crop = preprocess["crop"]
-    framing = ([transforms.Resize((crop, crop), interpolation=mode)] if preprocess.get("crop_mode") == "squash" else
-               [transforms.Resize(preprocess["resize"], interpolation=mode), transforms.CenterCrop(crop)])
-    return transforms.Compose(framing + [
-        transforms.ToTensor(),
-        transforms.Normalize(preprocess["mean"], preprocess["std"]),
-    ])
+    """The evaluation framing (nets.evaluation_frame), scaled to [0, 1] and normalised."""
+    return transforms.Compose([lambda img: evaluation_frame(img, preprocess), transforms.ToTensor(),
+                               transforms.Normalize(preprocess["mean"], preprocess["std"])])
 
 
 def load_image(path, preprocess, transform=None):

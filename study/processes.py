@@ -85,16 +85,24 @@ def init_group(backend, **kwargs):
                                 world_size=int(os.environ["WORLD_SIZE"]), **kwargs)
 
 
+def machine_cores():
+    """The cores this process may run on (its affinity), or the machine's count where none is known."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cores_each():
+    """The machine's cores over the processes torchrun started on it (all of them outside torchrun)."""
+    return max(1, machine_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def cpu_share():
-    """This process's share of the machine's cores: all of them over the processes torchrun started
-    on this machine, unless the user set OMP_NUM_THREADS (torchrun sets it to 1 itself when it
-    starts several processes on a machine, so there only a value above 1 is the user's)."""
+    """This process's threads: its share of the machine's cores (cores_each), unless the user set
+    OMP_NUM_THREADS (torchrun sets it to 1 itself when it starts several processes on a machine,
+    so there only a value above 1 is the user's)."""
     asked = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if asked > 1 or (asked == 1 and local == 1):
+    if asked > 1 or (asked == 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1):
         return asked
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local)
+    return cores_each()
 
 
 def start_trials_group():

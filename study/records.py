@@ -107,30 +107,30 @@ class FolderBusy(SystemExit):
 
 
 class FolderLock:
-    """One writer at a time in a run, grid or comparison folder: an exclusive lock on FOLDER/.lock,
-    held while this process works there. It is a POSIX record lock (fcntl.lockf): the operating
-    system drops it when the process ends, however it ends (kill -9 included), so a lock is never
-    stale, and unlike flock it is not inherited by forked loader workers, which could outlive the
-    run and keep its folder locked. The file keeps the holder's pid and host for the message a
-    second process gets; it is never deleted (deleting a lock file lets two processes lock two
-    different files)."""
+    """One writer at a time: an exclusive lock on FOLDER/NAME, held while this process works there
+    (a run, grid or comparison folder: NAME .lock, taken at once or refused; a cache key in a cache
+    folder: waited for, so the first process builds and the others reuse). It is a POSIX record lock
+    (fcntl.lockf): the operating system drops it when the process ends, however it ends (kill -9
+    included), so a lock is never stale, and unlike flock it is not inherited by forked loader
+    workers, which could outlive the run and keep its folder locked. The file keeps the holder's pid
+    and host for the message a second process gets. Only its holder removes it, and a process that
+    locked a file since removed locks the new one (same_file), so two processes never hold two files."""
 
-    NAME = ".lock"
-
-    def __init__(self, folder):
-        self.folder, self.fd, self.made = Path(folder), None, []
+    def __init__(self, folder, name=".lock", wait=False):
+        self.folder, self.name, self.wait, self.fd, self.made = Path(folder), name, wait, None, []
 
     def acquire(self):
-        """Take the lock at once or raise FolderBusy; creates the folder. -> self."""
+        """Take the lock (at once or raise FolderBusy; with wait, when its holder lets go); creates the
+        folder. -> self."""
         if fcntl is None or self.fd is not None:
             return self
         self.made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]  # deepest first
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / self.NAME
+        path = self.folder / self.name
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
             except OSError as e:
                 if e.errno not in (errno.EACCES, errno.EAGAIN):
                     os.close(fd)
@@ -152,8 +152,8 @@ class FolderLock:
         failed before its first file), goes again with the folders made for it: bad input leaves nothing."""
         if self.fd is None:
             return
-        if self.made and [p.name for p in self.folder.iterdir()] == [self.NAME]:
-            (self.folder / self.NAME).unlink()
+        if self.made and [p.name for p in self.folder.iterdir()] == [self.name]:
+            (self.folder / self.name).unlink()
             for p in self.made:
                 try:
                     p.rmdir()

@@ -10,11 +10,12 @@ import torch.nn as nn
 from . import augment, features, hardware, identity, loop, nets, pipeline, processes, records
 from .data import read_data
 from .errors import fail
-from .records import CheckpointError
 from .nets import ARCHS, build_model, freeze, make_preprocess, param_groups, parse_unfreeze, preprocess_dict
 from .options import RESOLVED, image_options, run_dir_of
+from .records import CheckpointError
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "config", "classes", "best")
+
 
 def loader_options(config, device, rank=0, world=1, on_device=None):
     """The keyword arguments every pipeline.build_loader call of a run shares."""
@@ -49,10 +50,6 @@ def head_on_features(config, world):
     return config["unfreeze"] == "head" and world == 1
 
 
-# --------------------------------------------------------------------------------------------
-# fit(config): one run, in its own folder; returns its metrics. It reads top to bottom:
-# start_run, build_loaders, frozen_inputs, linear_probe, make_optimizer, train_epochs, test_pass.
-# --------------------------------------------------------------------------------------------
 @dataclass
 class Step:
     """Which of fit()'s steps runs, for the out-of-memory line (a key of errors.OOM_REMEDIES), and
@@ -349,15 +346,12 @@ def make_optimizer(config, model, steps_per_epoch, device, dtype, head_alone):
 
 
 def averaged_model(config, model, optimizer):
-    """--ema: an exponential moving average of the model's weights and BatchNorm statistics, updated
-    after every optimizer step (a step the fp16 scaler skips is no step) -> AveragedModel or None."""
+    """--ema: loop.WeightAverage of the model, updated after every optimizer step -> it, or None."""
     decay = config.get("ema") or 0.0
     if not decay:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
+    ema = loop.WeightAverage(model, decay)
+    optimizer.register_step_post_hook(lambda *_: ema.update())
     return ema
 
 
@@ -378,7 +372,7 @@ def restore(run, training):
         return Progress(best={"top1": -1.0, "epoch": 0})
     if training.ema is not None and ck.get("online_model") is not None:  # "model" holds the averaged weights
         training.ema.module.load_state_dict(ck["model"])
-        training.ema.n_averaged.fill_(ck["ema_steps"])
+        training.ema.steps = ck["ema_steps"]
         run.model.load_state_dict(ck["online_model"])
     training.optimizer.load_state_dict(ck["optimizer"])
     training.scheduler.load_state_dict(ck["scheduler"])
@@ -392,7 +386,7 @@ def checkpoint_state(run, training, progress, epoch, rng):
     trained ones, which a resumed run continues); rng: hardware.rng_state, taken on every rank."""
     c, ema = run.config, training.ema
     evaluated = ema.module if ema is not None else run.model
-    online = {"online_model": run.model.state_dict(), "ema_steps": int(ema.n_averaged)} if ema else {}
+    online = {"online_model": run.model.state_dict(), "ema_steps": ema.steps} if ema else {}
     scaler = training.scaler
     return {"model": evaluated.state_dict(), **online, "optimizer": training.optimizer.state_dict(),
             "scheduler": training.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,

@@ -70,9 +70,11 @@ def test_imagenet_weights_name_real_images(caltech_archive, pretrained):
     assert all(c >= 8 for c in counts.values()), counts
 
 
-def test_eval_transform_matches_preprocess():
+def test_the_evaluation_transform_of_predict_matches_lite0s_preprocess():
+    from study import prediction
+
     img = Image.new("RGB", (300, 200), (127, 0, 255))
-    x = L.eval_transform()(img)
+    x = prediction.build_transform(L.PREPROCESS)(img)
     assert x.shape == (3, 224, 224)
     # (v/255 - 0.498) / 0.502 for v = 127, 0, 255: ~0, ~-0.992, ~1.0 (TF-Lite's (v-127)/128)
     assert torch.allclose(x[:, 0, 0], torch.tensor([0.0, -127 / 128, 1.0]), atol=2e-3)

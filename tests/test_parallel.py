@@ -96,6 +96,14 @@ def test_a_halving_grid_on_two_processes_equals_the_one_process_grid(data, tmp_p
     assert grid_record(tmp_path / "main_ResNet-18" / "grid") == one_process_grid
 
 
+def test_trials_side_by_side_build_each_decode_cache_once(data, tmp_path):
+    """Two processes ask for the same caches at once: the first builds each, the other waits and reuses it."""
+    r = run(torchrun("--data", data, "--out", tmp_path, "--cache-dir", tmp_path / "cache", *TINY, "--epochs", "1",
+                     "--grid-spec", "lr=1e-3,3e-4"))
+    assert sorted(p for _, p in takes(r.stdout)) == [0, 1]  # the two trials at once
+    assert r.stdout.count("building train cache") == 1 and r.stdout.count("train cache reused") == 1, r.stdout
+
+
 def test_compare_trains_both_networks_at_once_with_one_process_results(data, tmp_path):
     weights = tmp_path / "w.pth"
     torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)
@@ -302,3 +310,14 @@ def test_each_process_takes_its_share_of_the_cores_unless_the_user_set_the_threa
             monkeypatch.setenv("OMP_NUM_THREADS", omp)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
         assert processes.cpu_share() == want, (omp, local)
+
+
+def test_loader_workers_default_to_each_process_share_of_the_cores(monkeypatch):
+    """8 trial processes on 16 cores start 2 loader workers each, not 8; a lone process at most 8."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    for local, want in (("8", 2), ("1", 8), ("32", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        config = options.resolve_config(options.get_args_parser(DEFAULTS).parse_args([]), DEFAULTS, "t")
+        assert config["workers"] == want, local
+    assert options.resolve_config(options.get_args_parser(DEFAULTS).parse_args(["--workers", "3"]), DEFAULTS,
+                                  "t")["workers"] == 3

@@ -61,19 +61,22 @@ def test_comparison_random_side_gets_the_recipe_and_grid_trials_keep_their_axes(
 
 
 def built_optimizer(argv, tmp_path):
-    """make_optimizer on a real (tiny) run: -> (optimizer, scheduler, run)."""
+    """What a fresh run builds for its epochs on a real (tiny) network: -> (optimizer, scheduler, run,
+    weights' average, batch step)."""
     c = config(argv + ["--img-size", "32", "--workers", "0", "--out", str(tmp_path)])
     run = steps.Run(c, 0, 1, torch.device("cpu"), None, {}, tmp_path, None, [str(i) for i in range(5)], {},
                      nets.build_model("resnet18", 5, "none"), records.FolderLock(tmp_path), None)
-    pre = nets.make_preprocess("resnet18", 32, c["crop_mode"])
-    (opt, sched, _), _ = steps.make_optimizer(run, 20, pre)
-    return opt, sched, run
+    opt, sched, scaler = steps.make_optimizer(c, run.model, 20, run.device, None, False)
+    ema = steps.averaged_model(c, run.model, opt)
+    batch_step = steps.batch_step(c, 5, nets.make_preprocess("resnet18", 32, c["crop_mode"]))
+    steps.restore(run, steps.Training(run.model, {}, None, opt, sched, scaler, ema, batch_step))
+    return opt, sched, run, ema, batch_step
 
 
 def test_original_recipe_builds_todays_optimizer_schedule_and_augmentation(tmp_path):
     """As the code before --scratch-recipe: AdamW over param_groups at lr 3e-4, warm-up + cosine,
     the ResNet-18 script's augmentation, no batch step."""
-    opt, sched, run = built_optimizer(["--weights", "none", "--scratch-recipe", "original"], tmp_path)
+    opt, sched, run, ema, batch_step = built_optimizer(["--weights", "none", "--scratch-recipe", "original"], tmp_path)
     ref = torch.optim.AdamW(nets.param_groups(run.model, "resnet18", 3e-4, 1e-5, 1.0))
     assert type(opt) is torch.optim.AdamW and opt.defaults == ref.defaults
     ref_sched = loop.lr_schedule(ref, 20, 50)
@@ -86,18 +89,45 @@ def test_original_recipe_builds_todays_optimizer_schedule_and_augmentation(tmp_p
         lrs.append(opt.param_groups[0]["lr"]), ref_lrs.append(ref.param_groups[0]["lr"])
     assert lrs == ref_lrs
     assert A.train_recipe(run.config["augment"], "resnet18") == A.SEED_RECIPES["resnet18"]
-    assert run.batch_augment is None and run.ema is None
+    assert batch_step is None and ema is None
     assert all(m.weight.abs().sum() > 0 for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_sgd_and_zero_init_residual_options(tmp_path):
-    opt, _, run = built_optimizer(["--weights", "none", "--optimizer", "sgd", "--lr", "0.1", "--zero-init-residual",
-                                   "on"], tmp_path)
+    opt, _, run, _, _ = built_optimizer(["--weights", "none", "--optimizer", "sgd", "--lr", "0.1",
+                                         "--zero-init-residual", "on"], tmp_path)
     assert type(opt) is torch.optim.SGD and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
     assert {g["initial_lr"] for g in opt.param_groups} == {0.1}
     blocks = [b for layer in (run.model.layer1, run.model.layer2, run.model.layer3, run.model.layer4) for b in layer]
     assert len(blocks) == 8 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
     assert torch.count_nonzero(run.model.bn1.weight) > 0
+
+
+@pytest.mark.parametrize("bn_stats", ["train", "frozen"])
+def test_the_weights_average_is_torchs_averaged_model_on_what_trains(bn_stats):
+    """loop.WeightAverage against torch.optim.swa_utils.AveragedModel(get_ema_multi_avg_fn, use_buffers):
+    the same numbers for every trained parameter and trained-part buffer; frozen ones are not touched."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nets.build_model("resnet18", 5, "none")
+    nets.freeze(model, "resnet18", ["layer4"])
+    ours, ref = loop.WeightAverage(model, 0.9), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9),
+                                                               use_buffers=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):
+        nets.set_train_mode(model, bn_stats)
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        opt.step()
+        ours.update(), ref.update_parameters(model)
+    assert ours.steps == 4
+    mine, theirs = ours.module.state_dict(), ref.module.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine if mine[k].is_floating_point())
+    # BatchNorm's step counter is copied (AveragedModel "averages" it in integers, truncating)
+    counts = [k for k in mine if k.endswith("num_batches_tracked") and k.startswith("layer4")]
+    assert all(torch.equal(mine[k], model.state_dict()[k]) for k in counts) and len(counts) == 5
+    # averaged: layer4's and fc's 17 parameters and the running mean and variance of layer4's 5 BatchNorms
+    assert len(ours.floats) == 17 + 5 * 2
 
 
 def test_batched_erasing_is_torchvisions_erase():
