@@ -1,25 +1,11 @@
-"""Training augmentation: the recipes, each epoch's random parameters, and their rendering on
-cached uint8 images, by PIL per image (the loader workers) or by batched tensor ops (any device).
+"""Training augmentation: the recipes, each epoch's random parameters, and their rendering on cached
+uint8 images, by PIL per image (render_pil, in the loader workers) or by batched tensor ops on any
+device (render_torch). An epoch's parameters are drawn at once with numpy, with torchvision's
+distributions, and folded into 3x3 geometric matrices and one colour matrix + offset per image
+(plan_arrays). Sources are images of decode_cache.py's train cache (portrait images stored transposed).
 
-  * the random parameters of an epoch (crop box, flip, angle, jitter, grayscale, blur,
-    perspective) are drawn at once with numpy, with torchvision's distributions, and folded
-    into 3x3 geometric matrices and one 3x3 colour matrix + offset per image (plan_arrays);
-  * render_pil: uint8 from end to end, in torchvision's order: one antialiased resize of the
-    crop box (torch's uint8 AVX2 kernel), one NEAREST affine transform (flip + rotation), the
-    whole ColorJitter + RandomGrayscale as one PIL convert(matrix), the 3-tap blur in int16
-    fixed point, the perspective as one NEAREST homography;
-  * render_torch: per batch, one grid_sample for crop+flip+rotation+perspective and one
-    batched 3x3 colour matrix that also normalises; no per-image Python.
-
-Sources are images of the train cache that decode_cache.py builds (a canvas of resize x
-long_side, portrait images stored transposed); this module imports nothing from the pipeline.
-
-Batch augmentation (on normalised batches in the training loop, either path, any device):
-torchvision's TrivialAugmentWide or RandAugment per image, normalisation undone and redone around it
-(auto_augment_batch), random erasing per image (erase_params / erase_batch, torchvision's
-RandomErasing), and torchvision's MixUp / CutMix on the batch and its labels (batch_augment).
-
-Sections: recipes · random parameters · CPU rendering · tensor rendering · batch augmentation.
+Batch augmentation, on normalised batches in the training loop (batch_augment): TrivialAugmentWide or
+RandAugment and random erasing per image, torchvision's MixUp / CutMix on the batch and its labels.
 """
 from __future__ import annotations
 
@@ -237,14 +223,10 @@ def plan_arrays(p: dict, sizes: np.ndarray, crop: int, long_side: int) -> dict:
 # CPU rendering: one image at a time on uint8, as torchvision's PIL transforms
 # =============================================================================================
 def blur_u8(img: np.ndarray, sigma: float) -> np.ndarray:
-    """torchvision GaussianBlur(kernel_size=3, sigma) on a uint8 HWC image -> a new uint8 image.
-
-    The 3-tap Gaussian is [e, 1, e] / (1 + 2e) with e = exp(-1 / (2 sigma^2)), applied as
-    two separable passes in int16 fixed point (weights in 1/128, reflect padding as
-    torchvision), cheaper than PIL's BoxBlur(e) or a float conv2d. Within 1 level of
-    torchvision's float result, which rounds once at the end.
-    Below e ~ 1/255 the weights round to [0, 1, 0] and the image comes back unchanged.
-    """
+    """torchvision GaussianBlur(kernel_size=3, sigma) on a uint8 HWC image -> a new uint8 image: the
+    3-tap [e, 1, e] / (1 + 2e), e = exp(-1 / (2 sigma^2)), as two separable passes in int16 fixed point
+    (weights in 1/128, reflect padding), cheaper than PIL's BoxBlur or a float conv2d and within 1
+    level of torchvision's float result. Below e ~ 1/255 the image comes back unchanged."""
     e = math.exp(-0.5 / sigma ** 2)
     w1 = round(128 * e / (1 + 2 * e))
     if w1 == 0:
@@ -264,24 +246,17 @@ def blur_u8(img: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _image_mean(im: Image.Image) -> np.ndarray:
-    """Per-channel mean of an RGB image, 0..255: the histogram of its 4x4 block means
-    (PIL reduce(4), each block rounded to uint8, so within ~0.5 level of the exact mean;
-    torchvision's PIL contrast rounds its mean to a whole level), a sixteenth of the pixels
-    of the full histogram."""
+    """Per-channel mean of an RGB image, 0..255, from the histogram of its 4x4 block means (PIL reduce(4):
+    within ~0.5 level of the exact mean, and torchvision's PIL contrast rounds its mean to a whole level)."""
     small = im.reduce(4) if min(im.size) >= 8 else im
     hist = np.asarray(small.histogram(), np.float64).reshape(3, 256)
     return hist @ np.arange(256) / (small.size[0] * small.size[1])
 
 
 def _resize_box(src: np.ndarray, box: tuple, crop: int) -> Image.Image:
-    """The box (x0, y0, x1, y1), storage px, of a cached HWC uint8 image, resized to crop x
-    crop with an antialiased bilinear filter (RandomResizedCrop's resized_crop).
-
-    Whole-pixel boxes (every image stored unsquashed) go through torch's uint8 antialiased
-    interpolate, the AVX2 kernel torchvision v2 uses: within 1 level of PIL's resize and
-    faster. Fractional boxes (images squashed into the canvas) take PIL's resize, which
-    accepts them.
-    """
+    """The box (x0, y0, x1, y1), storage px, of a cached HWC uint8 image, resized to crop x crop, antialiased
+    bilinear (RandomResizedCrop's resized_crop). Whole-pixel boxes take torch's uint8 AVX2 kernel (within 1
+    level of PIL's resize, and faster); fractional ones (images squashed into the canvas) PIL's resize."""
     x0, y0, x1, y1 = box
     r = [round(v) for v in box]
     if all(abs(v - q) < 1e-6 for v, q in zip(box, r)) and r[2] > r[0] and r[3] > r[1]:
@@ -296,17 +271,10 @@ def _resize_box(src: np.ndarray, box: tuple, crop: int) -> Image.Image:
 
 
 def render_pil(src: np.ndarray, plan: dict, k: int, crop: int) -> np.ndarray:
-    """One augmented image on uint8, in torchvision's order -> HWC uint8 crop x crop.
-
-    RandomResizedCrop: the crop box resized to crop x crop (antialiased bilinear, as
-    torchvision's PIL resize; see _resize_box). Flip + RandomRotation: one NEAREST affine
-    transform (RandomRotation's default), zero fill. ColorJitter + RandomGrayscale: one 3x3
-    matrix + offset, M x + K mean(x) with the mean of the rotated image as ColorJitter's
-    contrast sees it, by PIL's convert(matrix), which rounds and clips to uint8 as each PIL
-    jitter op does. Then the 3-tap GaussianBlur, then RandomPerspective as a NEAREST
-    homography with its zero fill (the original resamples it BILINEAR, which costs far more
-    in PIL).
-    """
+    """One augmented image on uint8, in torchvision's order -> HWC uint8 crop x crop: the crop box resized
+    (_resize_box); flip + rotation as one NEAREST affine transform, zero fill; ColorJitter + RandomGrayscale
+    as one PIL convert(matrix), M x + K mean(x), which rounds and clips as each PIL jitter op does; the
+    3-tap blur; RandomPerspective as a NEAREST homography (the original's BILINEAR costs far more in PIL)."""
     S = plan["S"][k]
     corners = S @ np.array([[0, crop, 0, crop], [0, 0, crop, crop], [1, 1, 1, 1.]])
     x0, x1, y0, y1 = corners[0].min(), corners[0].max(), corners[1].min(), corners[1].max()
@@ -350,13 +318,9 @@ def pack_plan(plan: dict, idx: np.ndarray) -> torch.Tensor:
 
 def render_torch(src: torch.Tensor, packed: torch.Tensor, *, crop: int, mean: torch.Tensor, std: torch.Tensor,
                  blur: bool) -> torch.Tensor:
-    """Augment a uint8 [B,H,W,3] batch on its device with its plan entries `packed` (pack_plan)
-    -> float32 [B,3,crop,crop], (x / 255 - mean) / std.
-
-    A fixed number of kernel launches per batch whatever its size, no per-image Python, no
-    host sync: `blur` (any sample blurred) comes from the caller, and mean, std are float32
-    tensors already on the device.
-    """
+    """Augment a uint8 [B,H,W,3] batch on its device with its plan entries `packed` (pack_plan) -> float32
+    [B,3,crop,crop], (x / 255 - mean) / std. No per-image Python and no host sync: `blur` (any sample
+    blurred) comes from the caller, and mean, std are float32 tensors already on the device."""
     B, Hs, Ws, _ = src.shape
     dev = src.device
     P, R, S = (packed[:, 9 * k:9 * k + 9].reshape(B, 3, 3) for k in range(3))
@@ -406,8 +370,7 @@ def erase_params(n: int, h: int, w: int, p: float, generator: torch.Generator | 
     eh = 0 where an image is not erased (probability 1 - p, or no box fitted in 10 attempts, as
     torchvision)."""
     g = dict(generator=generator, device=device)
-    area = h * w
-    target = area * torch.empty(n, 10, device=device).uniform_(*ERASE_SCALE, generator=generator)
+    target = h * w * torch.empty(n, 10, device=device).uniform_(*ERASE_SCALE, generator=generator)
     log_r = torch.log(torch.tensor(ERASE_RATIO))
     aspect = torch.exp(torch.empty(n, 10, device=device).uniform_(float(log_r[0]), float(log_r[1]),
                                                                    generator=generator))
@@ -438,14 +401,6 @@ def erase_batch(x: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> tor
 AUTO_AUGMENTS = ("none", "trivial", "rand")   # --auto-augment
 
 
-def auto_augment_op(name: str):
-    """--auto-augment's library transform at its default magnitudes (torchvision.transforms.v2):
-    trivial: TrivialAugmentWide (one op, random magnitude); rand: RandAugment (2 ops, magnitude 9)."""
-    from torchvision.transforms import v2
-
-    return {"trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}[name]()
-
-
 def auto_augment_batch(x: torch.Tensor, op, mean, std) -> torch.Tensor:
     """op (a transform of one [3,H,W] image in [0, 1]) on each image of the normalised [B,3,H,W] x:
     normalisation undone, one call per image (each draws its own op and magnitude from torch's
@@ -461,17 +416,17 @@ def auto_augment_batch(x: torch.Tensor, op, mean, std) -> torch.Tensor:
 
 def batch_augment(erasing: float, mixup: float, cutmix: float, num_classes: int, auto_augment: str = "none",
                   mean=None, std=None):
-    """The training loop's batch step for --auto-augment, --erasing p, --mixup alpha, --cutmix alpha
-    (0/none = off), in that order (torchvision's reference scripts: the image ops, then erasing, then
-    the batch's mix) -> callable (x, y) -> (x, target), or None when all are off. target: y, or class
-    probabilities [B, num_classes] under MixUp/CutMix (torchvision.transforms.v2; with both, one of the
-    two per batch). mean, std: the batches' normalisation (needed by --auto-augment). Draws from
-    torch's global generator (--seed)."""
+    """The training loop's batch step for --auto-augment, --erasing p, --mixup alpha, --cutmix alpha (0/none
+    = off), in that order (torchvision's reference scripts) -> callable (x, y) -> (x, target), or None when
+    all are off. target: y, or class probabilities [B, num_classes] under MixUp/CutMix (with both, one of
+    the two per batch). mean, std: the batches' normalisation. Draws from torch's global generator."""
     from torchvision.transforms import v2
 
     if auto_augment not in AUTO_AUGMENTS:
         raise ValueError(f"unknown auto augment {auto_augment!r}; choose from {', '.join(AUTO_AUGMENTS)}")
-    op = auto_augment_op(auto_augment) if auto_augment != "none" else None
+    # the library's transforms at their default magnitudes: TrivialAugmentWide (one op, random magnitude),
+    # RandAugment (2 ops, magnitude 9)
+    op = {"trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}[auto_augment]() if auto_augment != "none" else None
     mixes = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
             ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
     mix = None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

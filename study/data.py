@@ -99,10 +99,6 @@ def digest(obj, n=12):
     return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode("utf-8")).hexdigest()[:n]
 
 
-def relative(path, data_dir):
-    return Path(path).relative_to(data_dir).as_posix()
-
-
 def class_files(samples, classes, data_dir, side):
     """{side/<class>: [image count, digest of (name, bytes) of its files]}: names what changed in a
     class folder. Sizes, not times: a copied folder keeps its identity on another machine."""
@@ -125,7 +121,7 @@ def data_identity(data_dir, classes, train, test, val):
     validation carve. train, test: every image of the folder (before --limit-per-class); val: the
     carve this run holds out."""
     data_dir = Path(data_dir)
-    rel = lambda samples, side: [relative(p, data_dir / side) for p, _ in samples]  # as split.json lists them
+    rel = lambda samples, side: [Path(p).relative_to(data_dir / side).as_posix() for p, _ in samples]  # as split.json
     return {"split": split_fingerprint(classes, rel(train, "train"), rel(test, "test")),
             "carve": digest(sorted(rel(val, "train"))),
             "files": {**class_files(train, classes, data_dir, "train"), **class_files(test, classes, data_dir, "test")}}

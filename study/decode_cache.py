@@ -206,12 +206,7 @@ def _build_cache(npy_path: str, paths: list[str], geo: dict, progress: bool) -> 
     def fill(f):   # the pool writes into the temporary file by its name, through memory maps
         _reserve(f, header, need)
         sizes.extend(_decode_all(os.fspath(f.name), paths, geo, progress))
-    try:
-        atomic_write(npy_path, fill)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            _no_space(folder, need)
-        raise
+    atomic_write(npy_path, fill)  # a full disk despite the reservation: its one line (records.DiskFull)
     return {"geometry": geo, "sizes": sizes, "bad": [i for i, s in enumerate(sizes) if s is None]}
 
 
@@ -242,11 +237,8 @@ def _load_or_build(paths, geo, cache_dir, stem, progress):
     meta = _build_cache(npy, paths, geo, progress)
     try:
         write_json(meta_path, meta)
-    except OSError as e:   # the cache without its metadata is never read: remove it
-        size = os.path.getsize(npy)
+    except BaseException:   # a full disk (records.DiskFull) or a kill: a cache without metadata is never read
         os.remove(npy)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            _no_space(cache_dir, size)
         raise
     images = np.load(npy, mmap_mode="c")
     if progress:

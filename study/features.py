@@ -188,13 +188,9 @@ def frozen_prefix(model, bn_stats, sources, served, side, device, dtype, budget)
               flush=True)
         return None
     t = time.perf_counter()
-    batches = {}
-    for split, src in sources.items():
-        if src is not None:
-            outs, _ = outputs_of(prefix, src, len(src.samples), device, dtype)
-            batches[split] = CachedBatches(served[split], outs)
-        else:
-            batches[split] = None
+    batches = {split: None if src is None else
+               CachedBatches(served[split], outputs_of(prefix, src, len(src.samples), device, dtype)[0])
+               for split, src in sources.items()}
     print(f"frozen {what}: outputs of {n} images ({'x'.join(map(str, one.shape[1:]))}, "
           f"{str(one.dtype).replace('torch.', '')}, {need / 2**20:.0f} MiB) computed once in "
           f"{time.perf_counter() - t:.1f} s; training runs the rest on them", flush=True)

@@ -4,12 +4,6 @@ Only this module imports matplotlib, so training pays for it only when a run end
 takes plain data (lists, numpy arrays, tensors) and returns a matplotlib Figure built without
 pyplot (no global figure state, no display: the Agg backend); the report's figures also return the
 data they drew, so tests check the series, not pixels. Accuracies are percent, like the tables.
-
-    confusion_figure(confusion, classes)                     readable confusion matrix (rows: true class)
-    mistakes_figure(images, true_idx, pred_idx, probs, classes)   the most confident test mistakes
-    per_class_markdown(classes, per_class_pct)               per-class table, worst to best
-    most_confused(confusion, classes, n=20)                  (true, predicted, count, % of the true class)
-    curves_figure(runs), summary_figure(networks), grid_figure(trials, keys)   report.py's figures
 """
 import io
 import math

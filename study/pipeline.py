@@ -1,23 +1,12 @@
 """Training input path: from image files to normalised batches on the device.
 
-The loop only sees batches: `build_loader(...)` returns a `Loader` whose iterator yields
-`(x, y)` with `x` float32 [B, 3, crop, crop] normalised and `y` int64 [B], both on the device
-(`x` has channels_last strides when normalise_hwc made it: the CPU path and unaugmented batches).
-What an augmentation does to one image is augment.py's; decoding each image once is
-decode_cache.py's; this module decides which images, in which order, from where:
-  * order and augmentation are a pure function of (seed, epoch, rank): one plan per epoch
-    (augment.plan_arrays), DistributedSampler's sharding;
-  * CPU path (on_device False): DataLoader workers render with augment.render_pil and hand
-    uint8 batches (a quarter of float32's bytes) through shared memory; the consumer
-    normalises a whole batch in one pass into channels_last float32;
-  * on-device path (on_device True): uint8 batches of the stored images on the device, each
-    augmented and normalised by augment.render_torch. Streamed through the workers, or, after
-    Loader.make_resident(), indexed from one uint8 copy of the whole cache on the device (the
-    caller decides, knowing Loader.cache_bytes, and can free it with Loader.release());
-  * keep_freed_memory(): glibc keeps freed heap memory, so batches and training steps reuse
-    pages instead of faulting fresh ones in.
-
-Sections: presets · batches · loader.
+`build_loader(...)` returns a `Loader` whose iterator yields `(x, y)`: x float32 [B, 3, crop, crop]
+normalised (channels_last strides when normalise_hwc made it), y int64 [B], both on the device.
+augment.py renders an image, decode_cache.py decodes each image once; this module decides which images,
+in which order, from where. Order and augmentation are a pure function of (seed, epoch, rank). The CPU
+path renders in DataLoader workers (augment.render_pil) and hands uint8 batches through shared memory;
+the on-device path augments uint8 batches on the device (augment.render_torch), streamed through the
+workers or indexed from a resident copy of the whole cache (Loader.make_resident).
 """
 from __future__ import annotations
 
@@ -65,9 +54,8 @@ class BadImagesError(ValueError):
 # batches: uint8 from the cache or the CPU renderer, normalised once by the consumer
 # =============================================================================================
 def normalise_constants(pre: Preprocess, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """normalise_hwc's (scale, shift) for images `width` px wide: float32 [width*3] patterns, one
-    image row long, on `device`. A Loader makes them once per width: built per batch, they would be
-    a blocking host-to-device copy, a stream synchronisation on CUDA."""
+    """normalise_hwc's (scale, shift) for images `width` px wide: float32 [width*3] patterns on `device`,
+    made once per width by a Loader (per batch, a blocking host-to-device copy)."""
     std = torch.tensor(pre.std, dtype=torch.float64)
     scale = (1 / (255 * std)).float().repeat(width).to(device)
     shift = (-torch.tensor(pre.mean, dtype=torch.float64) / std).float().repeat(width).to(device)
@@ -75,14 +63,10 @@ def normalise_constants(pre: Preprocess, width: int, device: torch.device) -> tu
 
 
 def normalise_hwc(u8: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """uint8 [B,H,W,3] -> float32 [B,3,H,W] (channels_last strides), (x / 255 - mean) / std.
-
-    ToTensor + Normalize for a whole batch, on the tensor's device: a uint8 -> float copy,
-    then one in-place multiply and add against patterns of length W*3 (faster on the CPU than
-    a broadcast over the size-3 channel axis). The result is NCHW in channels_last memory, the
-    layout the models run in, so the loop's .to(channels_last) copies nothing.
-    scale_shift: normalise_constants(pre, W, u8.device).
-    """
+    """uint8 [B,H,W,3] -> float32 [B,3,H,W] in channels_last memory (the models' layout, so the loop's
+    .to(channels_last) copies nothing), (x / 255 - mean) / std: one in-place multiply and add against
+    patterns of length W*3, faster on the CPU than a broadcast over the size-3 channel axis.
+    scale_shift: normalise_constants(pre, W, u8.device)."""
     B, H, W, _ = u8.shape
     scale, shift = scale_shift
     out = u8.to(torch.float32, memory_format=torch.contiguous_format)
@@ -91,9 +75,8 @@ def normalise_hwc(u8: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tenso
 
 
 def to_device(t: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host tensor or array (an index, labels, a plan) onto `device` without waiting for it: on
-    CUDA from pinned memory with non_blocking=True (the copy queues behind the running kernels and
-    the CPU goes on to the next batch); elsewhere as .to(device)."""
+    """A host tensor or array onto `device` without waiting for it: on CUDA from pinned memory with
+    non_blocking=True (the copy queues behind the running kernels); elsewhere as .to(device)."""
     if isinstance(t, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(t))
     if torch.device(device).type == "cuda" and not t.is_pinned():
@@ -102,12 +85,9 @@ def to_device(t: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tenso
 
 
 def keep_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
-    """Ask glibc to serve allocations up to `threshold_bytes` from its heap and never give
-    the heap back, so each batch and each training step reuse the memory the previous one
-    freed instead of mapping fresh pages and faulting each 4 KiB of them in. Process-wide and
-    inherited by forked loader workers; call it once at the start of a run. Peak resident
-    memory stays the peak live set (plus fragmentation). False where not glibc.
-    """
+    """Ask glibc to serve allocations up to `threshold_bytes` from its heap and never give the heap back, so
+    each batch and training step reuse the pages the previous one freed instead of faulting fresh ones in.
+    Process-wide, inherited by forked workers; call it once per run. False where not glibc."""
     import ctypes
     try:
         libc = ctypes.CDLL(None)
@@ -121,15 +101,9 @@ def keep_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
 
 
 class _BatchSource(torch.utils.data.Dataset):
-    """DataLoader items are whole batches, so workers never collate; every item is uint8.
-
-    ("hwc", rows): cached images as stored [b,H,W,3] (the eval crops, or the train canvas
-    that the on-device path augments);
-    ("aug", rows, plan): PIL-augmented [b,crop,crop,3].
-    uint8 is a quarter of the float bytes crossing the processes; the consumer normalises.
-    A worker receives the cache file's path and maps the file itself, under any start method:
-    pickling an np.memmap would copy all its bytes into every spawned worker.
-    """
+    """DataLoader items are whole uint8 batches (a quarter of float's bytes; workers never collate):
+    ("hwc", rows) the cached images as stored [b,H,W,3]; ("aug", rows, plan) PIL-augmented [b,crop,crop,3].
+    A worker maps the cache file by its path: pickling an np.memmap would copy all its bytes."""
 
     def __init__(self, images: np.ndarray, pre: Preprocess, path: str):
         self._images, self.pre, self.path = images, pre, path
@@ -167,13 +141,8 @@ class _BatchSource(torch.utils.data.Dataset):
 # loader
 # =============================================================================================
 class Loader:
-    """Batches of one rank for one epoch at a time; see build_loader.
-
-    images: the uint8 decode cache; rows: the cache row of each of `samples` (bad files keep
-    their rows). cache_bytes: what make_resident() copies to the device, known before asking
-    for it; resident: whether batches are served from that copy; release(): drop it and stream
-    the same batches.
-    """
+    """Batches of one rank for one epoch at a time; see build_loader. images: the uint8 decode cache;
+    rows: the cache row of each of `samples` (bad files keep their rows)."""
 
     def __init__(self, *, images, rows, sizes, samples, train, recipe, pre, batch_size,
                  workers, device, seed, rank, world_size, on_device, cache_path, long_side, flip_p):
@@ -252,8 +221,8 @@ class Loader:
         return self._device_copy is not None
 
     def make_resident(self) -> None:
-        """Copy the whole uint8 cache (cache_bytes) into one tensor on the device, now; later
-        batches index it and are the same as streamed ones. The on-device path only. Idempotent."""
+        """Copy the whole uint8 cache (cache_bytes) into one tensor on the device; later batches index it
+        and are the same as streamed ones. The on-device path only. Idempotent."""
         if self._device_copy is not None:
             return
         if not self.on_device:
@@ -263,14 +232,12 @@ class Loader:
         self._device_copy = copy.copy_(torch.from_numpy(self.images))   # a copy, also on the CPU
 
     def release(self) -> None:
-        """Drop the resident copy of the cache; later batches stream through the DataLoader and
-        are the same. Idempotent. On CUDA the memory goes back to torch's caching allocator,
-        for this process's next allocations."""
+        """Drop the resident copy of the cache (back to torch's caching allocator on CUDA); later batches
+        stream through the DataLoader and are the same. Idempotent."""
         self._device_copy = None
 
     def _device_batches(self):
-        """On-device path: uint8 batches on the device, indexed from the resident copy, else
-        streamed through the DataLoader (pinned on CUDA)."""
+        """On-device path: uint8 batches indexed from the resident copy, else streamed (pinned on CUDA)."""
         if self._device_copy is not None:
             for b in self._batches:
                 yield b, self._device_copy[to_device(self.rows[self._order_idx[b]], self.device)]
@@ -339,17 +306,12 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
                  device: torch.device, seed: int, cache_dir: str, rank: int = 0,
                  world_size: int = 1, skip_bad: bool = False, progress: bool = True,
                  on_device: bool | None = None) -> Loader:
-    """A Loader over (path, label) samples; decodes every image once into a file in cache_dir
-    (decode_cache.py), or reuses the one there.
+    """A Loader over (path, label) samples, each image decoded once into a file in cache_dir (or reused).
 
-    train=True: a fresh permutation per epoch (same on every rank, rank r takes every
-    world_size-th sample), augmentation `augment` for `seed_recipe` (augment.train_recipe), a last batch of 1 dropped;
-    `none` and `flip` train on the evaluation framing (flip: mirrored with probability FLIP_P).
+    train=True: a fresh permutation per epoch (same on every rank, rank r takes every world_size-th
+    sample), augmentation `augment` for `seed_recipe` (augment.train_recipe), a last batch of 1 dropped.
     train=False: evaluation preprocessing, every sample exactly once across the ranks.
-    on_device: None = batched tensor augmentation when device is CUDA, PIL on the CPU
-    otherwise; True/False force a path (tests run the on-device path on the CPU).
-    progress: print what the decode cache does. Workers open the cache file by its path.
-    """
+    on_device: None = batched tensor augmentation on CUDA, PIL on the CPU; True/False force a path."""
     device = torch.device(device)
     on_device = device.type == "cuda" if on_device is None else on_device
     if not samples:

@@ -8,8 +8,11 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import socket
+import tempfile
 from pathlib import Path
+
 
 try:
     import fcntl
@@ -21,17 +24,32 @@ class CheckpointError(ValueError):
     """A file that is not a readable checkpoint of this project; the message is one line."""
 
 
+class DiskFull(SystemExit):
+    """A write met a full disk: the one-line error (errors.fail's kind), naming the file and its disk."""
+
+
 def atomic_write(path, write):
-    """write(binary file object) into a hidden temporary file, then commit_file: all or nothing."""
+    """write(binary file object) into a hidden temporary file beside path, then commit_file: all or
+    nothing. The temporary name is mkstemp's (O_EXCL, random): processes on machines that share the
+    folder never write into one file. A full disk ends in one line that names the file and the
+    disk, with the previous version kept and no temporary file left."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    tmp = Path(f.name)
     try:
-        with open(tmp, "wb") as f:
+        with f:
             write(f)
         commit_file(tmp, path)
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(path.parent).free  # before the temporary file goes
+        # torch.save's zip writer reports a full disk as RuntimeError("... unexpected pos ...")
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (isinstance(e, RuntimeError) and free < 2**20):
+            raise DiskFull(f"error: {path}: the disk is full ({free / 2**20:.1f} MiB free on the disk of "
+                           f"{path.parent}); {'its previous version is kept' if path.exists() else 'nothing was written'}"
+                           f": free some space, or write elsewhere (--out, --cache-dir)") from None
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def commit_file(tmp, final):
@@ -142,8 +160,9 @@ class FolderLock:
             if same_file(fd, path):
                 break
             os.close(fd)  # its holder removed the file as we opened it (release): lock the new one
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        if not self.wait:  # for the message a second process gets (a waiting one gets none)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
         return self
 

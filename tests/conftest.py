@@ -76,6 +76,21 @@ def caltech_archive():
     return need_archive()
 
 
+def archive_images():
+    """[(class, file name, JPEG bytes)] of the real archive in archive order (sorted), read once per
+    test session: every subset below is cut from memory, not by decompressing the archive again."""
+    if not _IMAGES:
+        with tarfile.open(need_archive()) as tf:
+            for m in tf:
+                parts = m.name.split("/")
+                if m.isfile() and len(parts) == 3 and parts[2].endswith(".jpg"):
+                    _IMAGES.append((parts[1], parts[2], tf.extractfile(m).read()))
+    return _IMAGES
+
+
+_IMAGES = []
+
+
 def extract_subset(dest, per_class, classes=None, max_side=64, test_per_class=2):
     """Write dest/train/<class>/ and dest/test/<class>/ from the real archive.
 
@@ -86,24 +101,19 @@ def extract_subset(dest, per_class, classes=None, max_side=64, test_per_class=2)
     from PIL import Image
 
     taken = {}
-    with tarfile.open(need_archive()) as tf:
-        for m in tf:
-            parts = m.name.split("/")
-            if not m.isfile() or len(parts) != 3 or not parts[2].endswith(".jpg"):
-                continue
-            cls = parts[1]
-            if cls == "BACKGROUND_Google" or (classes is not None and cls not in classes):
-                continue
-            n = taken.get(cls, 0)
-            if n >= per_class:
-                continue
-            taken[cls] = n + 1
-            side = "test" if n >= per_class - test_per_class else "train"
-            img = Image.open(io.BytesIO(tf.extractfile(m).read()))
-            img.thumbnail((max_side, max_side))
-            out = Path(dest) / side / cls / parts[2]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            img.save(out, quality=90)
+    for cls, name, blob in archive_images():
+        if cls == "BACKGROUND_Google" or (classes is not None and cls not in classes):
+            continue
+        n = taken.get(cls, 0)
+        if n >= per_class:
+            continue
+        taken[cls] = n + 1
+        side = "test" if n >= per_class - test_per_class else "train"
+        img = Image.open(io.BytesIO(blob))
+        img.thumbnail((max_side, max_side))
+        out = Path(dest) / side / cls / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out, quality=90)
     return Path(dest)
 
 
@@ -111,3 +121,61 @@ def extract_subset(dest, per_class, classes=None, max_side=64, test_per_class=2)
 def real_split(tmp_path_factory):
     """101 classes, 6 train + 2 test images each, 64 px: a real but tiny split."""
     return extract_subset(tmp_path_factory.mktemp("real_split"), per_class=8)
+
+
+def driver(folder, patch="", script="main_ResNet-18.py"):
+    """A Python file that runs a main_*.py script (as `python SCRIPT ...` would: sys.argv[0] is the
+    script) after `patch`, Python source, ran in its process, with the tiny network registered
+    (`--arch tiny`). `rank` is the process's torchrun rank. Tests hook a chosen step this way (fail,
+    pause or kill there) instead of racing a timer."""
+    path = Path(folder) / "driver.py"
+    path.write_text(f"import os, runpy, sys\nsys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+                    f"import conftest\nfrom study import loop, records, steps\nconftest.register_tiny()\n"
+                    f"rank = int(os.environ.get('RANK', '0'))\n{patch}\n"
+                    f"sys.argv[0] = {str(ROOT / script)!r}\n"
+                    f"runpy.run_path({str(ROOT / script)!r}, run_name='__main__')\n")
+    return path
+
+
+def tiny_resnet(num_classes=1000):
+    """ResNet-18's layout (conv1, bn1, layer1-4 of BasicBlocks, fc: the names --unfreeze and the frozen
+    prefix cut by) at widths 8-64, one block a stage: 0.2 M parameters, a checkpoint of 2 MB instead
+    of 134. For tests of mechanisms (identity, resume, grids, failures), where the network is not the
+    subject."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+    from torch import nn
+
+    m = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    m.conv1, m.bn1, width = nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), 8
+    for i, out in enumerate((8, 16, 32, 64), 1):
+        stride = 1 if i == 1 else 2
+        down = nn.Sequential(nn.Conv2d(width, out, 1, stride, bias=False), nn.BatchNorm2d(out)) if stride > 1 else None
+        setattr(m, f"layer{i}", nn.Sequential(BasicBlock(width, out, stride, down)))
+        width = out
+    m.fc = nn.Linear(width, num_classes)
+    return m
+
+
+def register_tiny():
+    """--arch tiny: tiny_resnet with ResNet-18's preprocessing and augmentation."""
+    from torchvision import models
+
+    from study import nets
+
+    nets.ARCHS["tiny"] = nets.Arch(tiny_resnet, models.ResNet18_Weights.IMAGENET1K_V1, "fc", nets.RESNET_STAGES,
+                                   "resnet18")
+
+
+def at_step(n, action):
+    """Patch source for driver(): `action` (Python source) runs in place of the n-th optimizer step
+    of the run (counted over its epochs, from 1)."""
+    return (f"steps_seen = [0]\nreal_step = loop.backward_and_step\n"
+            f"def hooked(*a, **k):\n"
+            f"    steps_seen[0] += 1\n"
+            f"    if steps_seen[0] == {n}:\n"
+            f"        {action}\n"
+            f"    return real_step(*a, **k)\n"
+            f"loop.backward_and_step = hooked\n")
+
+
+register_tiny()  # in this process: tests build configs with arch='tiny'

@@ -145,6 +145,7 @@ def test_the_out_of_memory_line_names_the_batch_size():
     assert errors.oom_message(3, "training", False).endswith("try --batch-size 2")
 
 
+@pytest.mark.slow
 def test_a_failure_on_one_rank_ends_every_rank_at_once(tmp_path):
     """Two gloo processes: rank 1 fails before the meeting point, rank 0 must not wait for a timeout."""
     import subprocess

@@ -287,6 +287,7 @@ def grid_runs(tiny, work):
                 again=again, args=args)
 
 
+@pytest.mark.slow
 def test_killed_grid_reruns_only_the_unfinished_trials(grid_runs):
     k = grid_runs["killed"]
     assert k["returncode"] == -signal.SIGKILL
@@ -340,6 +341,7 @@ def test_grid_folder_of_other_options_is_refused(grid_runs):
     assert mtimes(grid_runs["dir"], TRIALS) == grid_runs["after_resume"]
 
 
+@pytest.mark.slow
 def test_failing_trial_is_recorded_and_the_grid_goes_on(tiny, work, monkeypatch, one_thread):
     real_fit = common.fit
 
@@ -368,6 +370,7 @@ def test_failing_trial_is_recorded_and_the_grid_goes_on(tiny, work, monkeypatch,
     assert (grid_dir / "lr=0.0001" / "metrics.json").stat().st_mtime_ns == done_at
 
 
+@pytest.mark.slow
 def test_successive_halving_cuts_on_validation_and_survivors_resume(tiny, work):
     out = work / "halving"
     r = run_script("--data", tiny, "--out", out, "--grid-spec", SPEC, *SMOKE, "--epochs", "4", "--halving", "1")
@@ -402,6 +405,7 @@ def test_successive_halving_cuts_on_validation_and_survivors_resume(tiny, work):
     assert hp["lr"] == pytest.approx(float(rows[cut]["lr"])) and "hparam/best_val_top1" in scalars
 
 
+@pytest.mark.slow
 def test_compare_trains_pretrained_and_random_init_and_reports_the_difference(tiny, work):
     from torchvision import models
 

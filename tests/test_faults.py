@@ -5,13 +5,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import common
+from conftest import at_step, driver
 from study import loop, options
 from study import records
 
@@ -25,14 +25,22 @@ TINY = ["--weights", "none", "--img-size", "32", "--workers", "0", "--batch-size
 def data(tmp_path_factory):
     from conftest import extract_subset
 
+    global TINY_DRIVER
+    TINY_DRIVER = driver(tmp_path_factory.mktemp("driver"))
     return extract_subset(tmp_path_factory.mktemp("faults"), per_class=8, classes=CLASSES)
 
 
-def cmd(*args, nproc=1):
+TINY_DRIVER = None  # set by the data fixture: main_ResNet-18.py with the tiny network registered
+
+
+def cmd(*args, nproc=1, script=None):
+    """main_ResNet-18.py's command line, on the tiny network (conftest.driver registers it) unless
+    `script` is another script to run as it is."""
+    program = [str(script)] if script else [str(TINY_DRIVER), "--arch", "tiny"]
     if nproc == 1:
-        return [sys.executable, str(ROOT / "main_ResNet-18.py"), *map(str, args)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(ROOT / "main_ResNet-18.py"), *map(str, args)]
+        return [sys.executable, *program, *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program,
+            *map(str, args)]
 
 
 def outputs(run_dir):
@@ -48,6 +56,7 @@ def tb_steps(run_dir, tag="Loss/train"):
     return [e.step for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_writes_the_outputs_of_one_process_with_one_writer(data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for n in (1, 2):
@@ -63,6 +72,7 @@ def test_two_process_gloo_run_writes_the_outputs_of_one_process_with_one_writer(
     assert tb_steps(two) == [1, 2]
 
 
+@pytest.mark.slow
 def test_two_processes_probe_alike_and_then_fine_tune(data, tmp_path):
     """The linear probe under torchrun: every process probes on every image, so the heads agree."""
     from study import efficientnet_lite
@@ -80,20 +90,19 @@ def test_two_processes_probe_alike_and_then_fine_tune(data, tmp_path):
     assert r.stdout.count("train: features of") == 1 and r.stdout.count("val: features of") == 1
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_auto_ends_like_an_uninterrupted_run(data, tmp_path):
     args = ["--data", data, "--epochs", "3", *TINY]
     full = subprocess.run(cmd(*args, "--out", tmp_path / "full"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
-    proc = subprocess.Popen(cmd(*args, "--out", tmp_path / "cut"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not list((tmp_path / "cut").glob("main_ResNet-18/*/last.pth")) and time.time() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.05)
+    # killed at the third step of epoch 2 (epoch 1 has 8 steps: 60 images, batch 8): epoch 1 saved, the rest lost
+    kill = driver(tmp_path, at_step(8 + 3, "os.kill(os.getpid(), 9)"))
+    cut = subprocess.run(cmd(*args, "--arch", "tiny", "--out", tmp_path / "cut", script=kill), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert cut.returncode == -signal.SIGKILL and "epoch 1/3" in cut.stdout and "epoch 2/3" not in cut.stdout
     run_dir = next((tmp_path / "cut").glob("main_ResNet-18/*/last.pth")).parent
-    proc.send_signal(signal.SIGKILL)  # during epoch 2: epoch 1 is saved, the rest is lost
-    proc.wait()
-    assert (run_dir / "last.pth").exists() and not (run_dir / "metrics.json").exists()
+    assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 1
+    assert not (run_dir / "metrics.json").exists()
     again = subprocess.run(cmd(*args, "--out", tmp_path / "cut", "--resume", "auto"), cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -125,12 +134,40 @@ def test_a_crash_between_write_and_rename_leaves_the_old_checkpoint(tmp_path, mo
 
 
 def small_config(data, out, **over):
-    parser = options.get_args_parser(dict(arch="resnet18", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3,
+    parser = options.get_args_parser(dict(arch="tiny", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3,
                                          weight_decay=1e-4, unfreeze="last:1"))
     args = parser.parse_args(["--data", str(data), "--out", str(out), *TINY, "--cache-dir", str(out / "cache")])
     return dict(options.resolve_config(args, dict(epochs=3, scratch_epochs=3, unfreeze="last:1"), "main_test"), **over)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB file system (tmpfs): room for a run's records, not for the tiny network's checkpoint (about
+    1 MB with its optimizer state); skipped where mount is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a 256 KiB tmpfs to fill (needs root): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_disk_while_best_pth_is_written_ends_in_one_line_and_leaves_no_temporary_file(data, tmp_path,
+                                                                                              small_disk):
+    c = dict(small_config(data, small_disk, epochs=1), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:
+        common.fit(c)
+    run_dir = options.run_dir_of(c)
+    line = str(e.value)
+    assert line.startswith(f"error: {run_dir / 'best.pth'}: the disk is full (") and "\n" not in line, line
+    assert f"MiB free on the disk of {run_dir}); nothing was written: free some space" in line
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.")) == [".lock", "config.json"]
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     real = torch.nn.CrossEntropyLoss
     calls = {"n": 0}
@@ -161,6 +198,7 @@ def test_out_of_memory_names_the_batch_size_and_suggests_a_smaller_one(data, tmp
         common.fit(small_config(data, tmp_path))
 
 
+@pytest.mark.slow
 def test_a_truncated_jpeg_is_reported_by_path_and_skip_bad_trains_without_it(data, tmp_path):
     copy = tmp_path / "data"
     shutil.copytree(data, copy)

@@ -72,6 +72,7 @@ def run_weights(out, name):
     return torch.load(out / "main_test" / name / "last.pth", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_training_on_cached_prefix_outputs_gives_bit_identical_weights(tiny_split, weights_file, tmp_path,
                                                                        capsys):
     # separate caches: the linear probe's features come from the full network (off) and from the
@@ -98,6 +99,7 @@ def test_training_on_cached_prefix_outputs_gives_bit_identical_weights(tiny_spli
     assert not torch.equal(src["features.4.0.block.0.0.weight"], b["features.4.0.block.0.0.weight"])
 
 
+@pytest.mark.slow
 def test_augmented_training_or_a_tight_memory_runs_every_stage_each_step(tiny_split, weights_file, tmp_path,
                                                                         capsys, monkeypatch):
     common.fit(lite0_config(tiny_split, tmp_path, weights_file, name="flip", augment="flip", epochs=1))
@@ -132,6 +134,7 @@ def test_prefix_batches_serve_the_loaders_order_and_labels(tiny_split, tmp_path)
         features.CachedBatches(loader, outputs[:3])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_recomputes_the_prefix_and_ends_bit_identical(tiny_split, weights_file, tmp_path, capsys):
     full = common.fit(lite0_config(tiny_split, tmp_path, weights_file, name="full"))
     part = lite0_config(tiny_split, tmp_path, weights_file, name="cut")

@@ -8,6 +8,8 @@ a four-trial grid on two processes (--parallel trials), the benches and the sync
 import os
 import subprocess
 
+import pytest
+
 from conftest import ROOT, extract_subset
 
 # every step of the CPU mode, fp16 included (autocast runs fp16 on the CPU)
@@ -19,6 +21,7 @@ PASSED = ["train-resnet18", "train-resnet50", "train-resnet101", "train-efficien
           "bench-train-efficientnet_b4-fp32-data", "bench-train-efficientnet_lite0-bf16-synthetic"]
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_mode(tmp_path):
     # 2 classes, 4 train + 2 test images each, 64 px (skips without the real archive)
     data = extract_subset(tmp_path / "data", per_class=6, classes={"accordion", "anchor"})

@@ -25,7 +25,7 @@ def data(tmp_path_factory):
                           classes={"accordion", "anchor", "barrel", "bonsai", "brain"})
 
 
-DEFAULTS = dict(arch="resnet18", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3, weight_decay=1e-4,
+DEFAULTS = dict(arch="tiny", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3, weight_decay=1e-4,
                 unfreeze="last:1")
 
 
@@ -45,6 +45,7 @@ def same_weights(a, b):
     return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_fp16_with_a_grad_scaler_stops_resumes_and_ends_bit_identical(data, tmp_path, capsys):
     full = common.fit(config(data, tmp_path, name="full", **FP16_ARGS))
     assert "warning: --precision fp16 on the CPU" in capsys.readouterr().err
@@ -76,6 +77,7 @@ def test_the_scaler_skips_a_step_on_inf_gradients_and_lowers_its_scale():
     assert norm <= 1.0 + 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", ["seed", "none"])
 def test_resident_and_streamed_decode_caches_train_bit_identically(data, tmp_path, augment):
     runs = {}
@@ -92,8 +94,8 @@ def test_the_budget_places_decode_caches_and_the_frozen_part_releases_them(data,
     placed, released = [], []
     real_build = steps.build_loaders
 
-    def spy(run, budget, resident=None):
-        loaders, options = real_build(run, budget, resident)
+    def spy(run, budget, resident=None, step=None):
+        loaders, options = real_build(run, budget, resident, step)
         for split, loader in loaders.items():
             if loader is not None and loader.resident:
                 placed.append(split)
@@ -108,13 +110,14 @@ def test_the_budget_places_decode_caches_and_the_frozen_part_releases_them(data,
     assert sorted(set(released)) == ["test", "train", "val"]  # the frozen prefix's outputs replaced them
 
 
+@pytest.mark.slow
 def test_gpu_cache_off_keeps_every_decode_cache_in_host_memory_with_the_same_results(data, tmp_path, monkeypatch):
     """The tensor path forced on the CPU, as on a GPU: --gpu-cache auto puts each decode cache the budget
     allows in device memory, off none of them; the weights are the same, and a resume may change it."""
     real_options, real_build, placed, ckpt = steps.loader_options, steps.build_loaders, {}, {}
 
-    def spy(run, budget, resident=None):
-        loaders, options = real_build(run, budget, resident)
+    def spy(run, budget, resident=None, step=None):
+        loaders, options = real_build(run, budget, resident, step)
         placed[run.config["gpu_cache"]] = sorted(s for s, loader in loaders.items() if loader and loader.resident)
         return loaders, options
 
@@ -150,6 +153,7 @@ OOM_LINES = {  # (stage, decode caches resident) -> the line
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resident", [True, False])
 @pytest.mark.parametrize("stage", ["training", "evaluation", "frozen prefix", "probe", "features", "test"])
 def test_out_of_memory_anywhere_ends_in_one_line_naming_the_stage(data, tmp_path, monkeypatch, stage, resident):
@@ -191,13 +195,14 @@ def test_out_of_memory_while_placing_the_decode_caches_names_gpu_cache_off(data,
 
 
 def lite_like_weights(tmp_path):
-    """A resnet18 state dict saved in the test: a 'pretrained' file for the probe."""
+    """A tiny network's state dict saved in the test: a 'pretrained' file for the probe."""
     torch.manual_seed(0)
     path = tmp_path / "r18.pth"
-    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), path)
+    torch.save(nets.build_model("tiny", 1000, "none").state_dict(), path)
     return path
 
 
+@pytest.mark.slow
 def test_a_grid_trial_out_of_memory_is_recorded_and_the_grid_goes_on(data, tmp_path, monkeypatch):
     def fit(c, stop_after=None):
         """common.fit, out of memory in training for the batch-16 trial only."""
@@ -231,6 +236,7 @@ def test_checkpoints_carry_the_cuda_rng_state_and_a_resume_restores_it(monkeypat
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile's CPU backend needs a C compiler, and none is installed")
+@pytest.mark.slow
 def test_compile_is_close_to_eager_and_keeps_plain_checkpoint_keys(data, tmp_path):
     from study import prediction
 

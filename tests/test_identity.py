@@ -20,7 +20,7 @@ from study import records
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"accordion", "airplanes", "anchor", "ant"}
-DEFAULTS = dict(arch="resnet18", batch_size=8, epochs=2, scratch_epochs=2, lr=1e-3, weight_decay=1e-5,
+DEFAULTS = dict(arch="tiny", batch_size=8, epochs=2, scratch_epochs=2, lr=1e-3, weight_decay=1e-5,
                 unfreeze="layer4")
 TINY = ["--weights", "none", "--img-size", "32", "--workers", "0", "--precision", "fp32", "--device", "cpu"]
 
@@ -59,6 +59,7 @@ def test_the_split_fingerprint_of_the_files_equals_split_json(source, tmp_path):
     assert ident["split"] == json.loads((data / "split.json").read_text())["fingerprint"]
 
 
+@pytest.mark.slow
 def test_a_resume_after_a_re_split_is_refused_naming_the_split(source, tmp_path):
     data = split(source, tmp_path / "data", 1)
     c = config(data, tmp_path, name="r")
@@ -71,6 +72,7 @@ def test_a_resume_after_a_re_split_is_refused_naming_the_split(source, tmp_path)
     assert "\n" not in msg and f"the split in --data is another one (split {before[:12]} there" in msg
 
 
+@pytest.mark.slow
 def test_an_image_added_to_a_class_mid_run_refuses_the_resume_naming_it(source, tmp_path):
     data = split(source, tmp_path / "data", 1)
     c = config(data, tmp_path, name="r")
@@ -83,6 +85,7 @@ def test_an_image_added_to_a_class_mid_run_refuses_the_resume_naming_it(source, 
     assert common.fit(dict(c, resume="auto"))["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_a_grid_after_a_re_split_is_refused_naming_the_split(source, tmp_path):
     data = split(source, tmp_path / "data", 1)
     argv = ["--data", str(data), "--out", str(tmp_path), *TINY, "--epochs", "1", "--grid-spec", "lr=1e-3"]
@@ -92,6 +95,7 @@ def test_a_grid_after_a_re_split_is_refused_naming_the_split(source, tmp_path):
         common.main(DEFAULTS, {}, argv, script="main_test")
 
 
+@pytest.mark.slow
 def test_resume_path_continues_that_run_in_its_own_folder(source, tmp_path):
     data = split(source, tmp_path / "data", 1)
     c = config(data, tmp_path, name="first")
@@ -104,6 +108,7 @@ def test_resume_path_continues_that_run_in_its_own_folder(source, tmp_path):
         common.fit(config(data, tmp_path, "--resume", str(last.with_name("best.pth")), name="x"))
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_precision_or_device_type_is_refused(source, tmp_path):
     data = split(source, tmp_path / "data", 1)
     c = config(data, tmp_path, name="p")
@@ -120,13 +125,14 @@ def test_a_resume_with_another_precision_or_device_type_is_refused(source, tmp_p
         common.fit(dict(c, resume="auto", precision="fp32"))
 
 
+@pytest.mark.slow
 def test_a_moved_data_set_resumes_and_what_changes_numbers_is_refused(source, tmp_path):
     """--data is compared by what it holds, --weights by its bytes; --cache-frozen changes nothing,
     --compile and --deterministic change the kernels."""
     data = split(source, tmp_path / "data", 1)
     weights = tmp_path / "w.pth"
     torch.manual_seed(0)
-    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)
+    torch.save(nets.build_model("tiny", 1000, "none").state_dict(), weights)
     c = config(data, tmp_path, "--weights", str(weights), "--unfreeze", "layer4", name="m")
     common.fit(c, stop_after=1)
     moved = tmp_path / "elsewhere"
@@ -135,11 +141,11 @@ def test_a_moved_data_set_resumes_and_what_changes_numbers_is_refused(source, tm
                                    ("deterministic", True, "--deterministic False there, True now")):
         with pytest.raises(SystemExit, match=re.escape(refused)):
             common.fit(dict(c, data=str(moved), resume="auto", **{option: value}))
-    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)  # other weights, same file name
+    torch.save(nets.build_model("tiny", 1000, "none").state_dict(), weights)  # other weights, same file name
     with pytest.raises(SystemExit, match=f"--weights {re.escape(str(weights))} there holds other weights"):
         common.fit(dict(c, resume="auto"))
     torch.manual_seed(0)
-    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)  # the same bytes again
+    torch.save(nets.build_model("tiny", 1000, "none").state_dict(), weights)  # the same bytes again
     assert common.fit(dict(c, data=str(moved), resume="auto", cache_frozen="off"))["epochs"] == 2
 
 
@@ -153,6 +159,7 @@ def held_while(first, cmd):
         first.send_signal(signal.SIGCONT)
 
 
+@pytest.mark.slow
 def test_the_same_command_twice_at_once_the_second_stops_naming_the_holder(source, tmp_path):
     data = split(source, tmp_path / "data", 1)
     cmd = [sys.executable, str(ROOT / "main_ResNet-18.py"), "--data", str(data), "--out", str(tmp_path), *TINY,
@@ -176,6 +183,7 @@ def test_the_same_command_twice_at_once_the_second_stops_naming_the_holder(sourc
     assert best["epoch"] == m["best_epoch"] and best["best"]["top1"] == m["best_val_top1"]
 
 
+@pytest.mark.slow
 def test_a_second_grid_command_on_a_grid_in_use_stops_naming_the_holder(source, tmp_path):
     data = split(source, tmp_path / "data", 1)
     cmd = [sys.executable, str(ROOT / "main_ResNet-18.py"), "--data", str(data), "--out", str(tmp_path), *TINY,

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -36,6 +37,7 @@ def test_grad_cam_of_a_head_reading_one_channel_is_that_channels_map():
     assert float(cam.min()) >= 0 and torch.allclose(cam.amax((1, 2)), torch.ones(2))
 
 
+@pytest.mark.slow
 def test_explain_writes_one_png_per_image_at_the_crop_size(tmp_path):
     torch.manual_seed(0)
     model = nets.build_model("resnet18", 3, "none")

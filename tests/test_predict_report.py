@@ -71,6 +71,7 @@ def reference_probs(model, path, preprocess):
 # --------------------------------------------------------------------------------------------
 # predict.py
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_predict_json_walks_folder_skips_corrupt_and_matches_the_reference(tiny):
     r = run_script(ROOT / "predict.py", tiny["ckpt"], tiny["imgs"], "--json", "--batch-size", "1")
     assert r.returncode == 0, r.stderr
@@ -91,6 +92,7 @@ def test_predict_json_walks_folder_skips_corrupt_and_matches_the_reference(tiny)
         assert sum(probs) < ref.sum().item() - 1e-4  # 2 of the 7 classes were left out
 
 
+@pytest.mark.slow
 def test_predict_plain_output_top_k_and_explicit_bad_file(tiny):
     files = [tiny["good"][1], tiny["imgs"] / "notes.txt", tiny["good"][0]]
     r = run_script(ROOT / "predict.py", tiny["ckpt"], *files, "--top", "3")
@@ -210,6 +212,7 @@ def parse_table(text):
     return header, [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
 
 
+@pytest.mark.slow
 def test_report_picks_by_validation_never_by_test(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs, "main_ResNet-18/imagenet-last1", "resnet18", "imagenet", "last:1", val=90.0, test=88.0)
@@ -253,6 +256,7 @@ def test_report_picks_by_validation_never_by_test(tmp_path):
     assert "- left out figures/curves-resnet18.png: no run of this network has per-epoch TensorBoard scalars" in written
 
 
+@pytest.mark.slow
 def test_report_on_an_empty_folder_fails_and_writes_nothing(tmp_path):
     r = run_script(ROOT / "report.py", tmp_path)
     assert r.returncode == 1

@@ -3,12 +3,15 @@ with its status as the grid wrote it."""
 import csv
 from pathlib import Path
 
+import pytest
+
 import common
 import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_a_halving_grid_with_a_cut_trial_is_reported_with_its_status(tmp_path, capsys):
     import main_EfficientNet_Lite0 as lite0
     from conftest import extract_subset

@@ -252,6 +252,7 @@ def test_a_grid_with_one_trial_is_left_out_with_a_line(tmp_path):
     assert not (runs / "figures" / "grid-resnet50.png").exists()
 
 
+@pytest.mark.slow
 def test_a_limited_run_is_never_the_row_of_its_architecture(tmp_path):
     """Like with like: a --limit-per-class run with a higher validation score than the full run
     goes under the reduced settings, and so do its figures; other sizes, validation fractions and
@@ -366,6 +367,7 @@ def test_curves_figure_draws_one_line_per_run_and_series():
 # --------------------------------------------------------------------------------------------
 # Real short runs (the real archive)
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_report_on_real_short_runs(tmp_path, caltech_archive, capsys):
     """Lite0 with its genuine ImageNet weights (head only) against Lite0 from random weights, 6
     real classes at 32 px, 2 epochs each, the two runs side by side: every figure named, drawn

@@ -49,6 +49,7 @@ def smoke_run(real_split, tmp_path_factory):
     return runs[0], r
 
 
+@pytest.mark.slow
 def test_a_run_leaves_every_output(smoke_run):
     run_dir, r = smoke_run
     assert run_dir.name == "none-all-b64-lr0.001-wd1e-05-e2-64px-lim8"  # the tuned scratch recipe's lr
@@ -74,6 +75,7 @@ def test_a_run_leaves_every_output(smoke_run):
     assert "Test/confusion_matrix" in acc.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_rerun_without_resume_refuses_and_loses_nothing(smoke_run, real_split):
     run_dir, _ = smoke_run
     before = (run_dir / "metrics.json").read_bytes()
@@ -84,7 +86,7 @@ def test_rerun_without_resume_refuses_and_loses_nothing(smoke_run, real_split):
 
 
 def config_for(data, out, **over):
-    parser = options.get_args_parser(dict(arch="resnet18", batch_size=16, epochs=3, scratch_epochs=3, lr=1e-3,
+    parser = options.get_args_parser(dict(arch="tiny", batch_size=16, epochs=3, scratch_epochs=3, lr=1e-3,
                                          weight_decay=1e-4, unfreeze="last:1"))
     args = parser.parse_args(["--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "32",
                               "--limit-per-class", "4", "--workers", "0", "--cache-dir", str(out / "cache")])
@@ -93,6 +95,7 @@ def config_for(data, out, **over):
     return c
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_next_epoch_with_the_same_lr_and_the_same_result(tiny_split, tmp_path):
     full = common.fit(config_for(tiny_split, tmp_path, name="full"))
     part = config_for(tiny_split, tmp_path, name="cut")
@@ -161,6 +164,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_split, tmp_path, capsys, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_shell_is_one_line_on_stderr(tiny_split, tmp_path):
     r = run_script("main_ResNet-50.py", "--data", tiny_split, "--out", tmp_path / "runs", "--epochs", "0")
     assert r.returncode != 0 and r.stderr.strip() == "error: --epochs must be at least 1 (got 0)"
@@ -177,6 +181,7 @@ def test_missing_or_empty_train_is_a_clear_error(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_head_only_caches_features_once_and_leaves_the_backbone_bit_identical(tiny_split, tmp_path):
     from study import efficientnet_lite
 
@@ -202,6 +207,7 @@ def test_head_only_caches_features_once_and_leaves_the_backbone_bit_identical(ti
 
 @pytest.mark.parametrize("script,arch", [("main_ResNet-18.py", "resnet18"), ("main_ResNet-50.py", "resnet50"),
                                          ("main_ResNet-101.py", "resnet101"), ("main_Efficient_B4.py", "efficientnet_b4")])
+@pytest.mark.slow
 def test_each_script_runs_from_a_local_state_dict(tiny_split, tmp_path, script, arch):
     weights = tmp_path / f"{arch}.pth"  # stands in for the ImageNet file: torchvision's layout, 1000 classes
     torch.save(nets.build_model(arch, 1000, "none").state_dict(), weights)
@@ -217,6 +223,7 @@ def test_each_script_runs_from_a_local_state_dict(tiny_split, tmp_path, script, 
     assert torch.equal(best["model"][stage0], src[stage0])  # outside the default trained part: untouched
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_path):
     from study import efficientnet_lite
 
@@ -233,7 +240,7 @@ def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_p
     loaders, loader_opts = steps.build_loaders(run, budget)
     model = run.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    best = steps.linear_probe(run, loaders, steps.eval_sources(run, loaders, options), None, budget)
+    best = steps.linear_probe(run, loaders, steps.eval_sources(run, loaders, loader_opts), None, budget, steps.Step())
     assert budget.held["features"] > 0  # the features the head trained on are counted
     after = model.state_dict()
     moved = {k for k in after if not torch.equal(before[k], after[k])}
@@ -255,6 +262,7 @@ def test_a_validation_tie_goes_to_the_lower_loss():
     assert not loop.improves({"top1": 97.1, "loss": 0.1}, {"top1": 97.1})   # an older checkpoint's best
 
 
+@pytest.mark.slow
 def test_fit_keeps_the_tied_epoch_with_the_lower_validation_loss(tiny_split, tmp_path, monkeypatch):
     """Validation top-1 ties at epochs 2 and 3, loss falls: best.pth is epoch 3, its weights the last's."""
     real, calls = loop.evaluate, []

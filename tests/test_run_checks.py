@@ -19,7 +19,7 @@ def data(tmp_path_factory):
                           classes={"accordion", "anchor", "barrel", "bonsai"})
 
 
-DEFAULTS = dict(arch="resnet18", batch_size=8, epochs=2, scratch_epochs=2, lr=1e-3, weight_decay=1e-4,
+DEFAULTS = dict(arch="tiny", batch_size=8, epochs=2, scratch_epochs=2, lr=1e-3, weight_decay=1e-4,
                 unfreeze="last:1")
 
 
@@ -30,6 +30,7 @@ def config(data, out, *extra, **over):
     return dict(options.resolve_config(args, DEFAULTS, "main_test"), **over)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_options_naming_each_with_both_values(data, tmp_path):
     c = config(data, tmp_path, name="r")
     common.fit(c, stop_after=1)
@@ -44,6 +45,7 @@ def test_resume_refuses_other_options_naming_each_with_both_values(data, tmp_pat
     assert m["epochs"] == 2 and (run_dir / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_carved_by_older_code_is_refused(data, tmp_path):
     import torch
 
@@ -97,18 +99,20 @@ def test_too_few_images_for_one_batch_is_one_line_before_any_folder(data, tmp_pa
     assert "\n" not in str(e.value) and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_top5_is_left_out_with_fewer_than_5_classes(data, tmp_path, capsys):
     m = common.fit(config(data, tmp_path))
     assert m["test_top5"] is None and 0 <= m["test_top1"] <= 100
     assert "top-5 -" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_grid_with_head_and_last1_trials_records_its_options_and_reruns_nothing(data, tmp_path, capsys):
     import torch
 
     torch.manual_seed(0)
     weights = tmp_path / "r18.pth"  # a "pretrained" state dict saved in the test
-    torch.save(nets.build_model("resnet18", 1000, "none").state_dict(), weights)
+    torch.save(nets.build_model("tiny", 1000, "none").state_dict(), weights)
     c = config(data, tmp_path, "--augment", "seed", "--weights", str(weights), grid_spec="unfreeze=head,last:1",
                epochs=1)
     experiments.run(c, {}, common.fit)
@@ -126,6 +130,7 @@ def test_a_grid_with_head_and_last1_trials_records_its_options_and_reruns_nothin
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
+@pytest.mark.slow
 def test_the_test_pass_shows_only_wrong_predictions_most_confident_first(data, tmp_path):
     import torch
 

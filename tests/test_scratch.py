@@ -205,6 +205,7 @@ def tiny_split(tmp_path_factory):
     return extract_subset(tmp_path_factory.mktemp("tiny"), per_class=8, classes=classes)
 
 
+@pytest.mark.slow
 def test_ema_checkpoint_holds_the_averaged_weights_and_predict_uses_them(tiny_split, tmp_path):
     """--ema: best.pth's "model" is the average (validation's and the test's weights), "online_model" the
     trained ones; predict.py loads the average; a resumed run continues both."""
@@ -270,6 +271,7 @@ def by_hand(c, run_dir, split, tta):
     return p, torch.nn.functional.cross_entropy(p.log(), y, label_smoothing=c["label_smoothing"]).item(), y
 
 
+@pytest.mark.slow
 def test_tta_flip_averages_the_mirrors_probabilities_in_validation_the_test_and_predict(tiny_split, tmp_path):
     c, m, run_dir = tiny_run(tiny_split, tmp_path, "--tta", "flip")
     p, loss, y = by_hand(c, run_dir, "test", tta=True)
@@ -297,6 +299,7 @@ def test_tta_flip_averages_the_mirrors_probabilities_in_validation_the_test_and_
         assert [t["prob"] for t in r["top5"]] == pytest.approx(probs, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_without_tta_the_test_pass_reads_the_plain_softmax(tiny_split, tmp_path):
     c, m, run_dir = tiny_run(tiny_split, tmp_path)
     assert c["tta"] == "none" and prediction.load_model(run_dir / "best.pth")[2]["tta"] == "none"

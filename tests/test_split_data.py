@@ -147,6 +147,7 @@ def real_runs(caltech_archive, tmp_path_factory):
     return r
 
 
+@pytest.mark.slow
 def test_real_archive_counts(real_runs):
     for rec, out in ((real_runs["a"], real_runs["out_a"]), (real_runs["b"], real_runs["out_b"])):
         assert rec["counts"]["classes"] == 101 and len(rec["classes"]) == 101
