@@ -5,7 +5,8 @@
 Each path trains ResNet-18 (--unfreeze last:1, the script's default) for a warm-up epoch and a
 measured one: the decode cache resident on the device or streamed through the workers (what
 --gpu-cache off gives), augmented or in the evaluation framing, the PIL path, and cached outputs of
-a frozen part (features.CachedBatches, a linear head on them).
+a frozen part (features.CachedBatches, a linear head on them); and the resident path with --ema's
+average of the weights updated after every step (loop.WeightAverage).
 
 On CUDA, under torch.cuda.set_sync_debug_mode("warn"): torch warns at every synchronising call;
 the warnings of each batch (loader, forward, backward, optimizer step) are counted and their
@@ -19,6 +20,7 @@ non_blocking=True, a read back to Python. Last line: blocking_calls_per_batch=N.
 Exit status 1 when N > 0.
 """
 import argparse
+import copy
 import os
 import sys
 import warnings
@@ -112,9 +114,13 @@ def cuda_syncs(step, batches):
     return out
 
 
-def make_step(model, arch, device, dtype):
-    """The body of loop.train_one_epoch for `model`: forward, loss, backward, clip, AdamW, schedule."""
+def make_step(model, arch, device, dtype, ema=0.0):
+    """The body of loop.train_one_epoch for `model`: forward, loss, backward, clip, AdamW (and with
+    ema, the weights' average updated after it, as --ema does), schedule."""
     optimizer = torch.optim.AdamW(nets.param_groups(model, arch, 1e-3, 1e-4, 0.1))
+    if ema:
+        average = loop.WeightAverage(model, ema)
+        optimizer.register_step_post_hook(lambda *_: average.update())
     scheduler = loop.lr_schedule(optimizer, 100, 10)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -185,8 +191,12 @@ def main(argv=None):
           f"{hardware.precision_name(dtype)}; {what} per batch of the measured epoch (after a warm-up epoch)",
           flush=True)
     worst, built = 0.0, paths(samples, classes, args, device, dtype)
-    for name, (batches, model) in built.items():
-        step, _ = make_step(model, args.arch, device, dtype)
+    # --ema: the resident path again, with the weights' average after each optimizer step
+    runs = [(name, batches, model, 0.0) for name, (batches, model) in built.items()]
+    loader = built["resident-augmented"][0]
+    runs.append(("resident-augmented+ema", loader, copy.deepcopy(built["resident-augmented"][1]), 0.99))
+    for name, batches, model, ema in runs:
+        step, _ = make_step(model, args.arch, device, dtype, ema)
         for epoch in (1, 2):
             batches.set_epoch(epoch)
             if cuda:

@@ -441,6 +441,16 @@ def run_compare(fit, config, winner=None, pool=None):
     got = pool.train(fit, todo, trial_row,
                      announce=lambda c, i: f"compare: training {label[c['name']]} in {run_dir_of(c)}")
     rows = [dict(got.get(c["name"], row), init=lab) for (lab, c), row in zip(runs, rows)]
+    diff = write_comparison(root, rows)
+    lock.release()
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        fail(f"--compare: the {failed[0]['init']} run failed: {failed[0]['error']} (see {root / 'results.md'})")
+    return rows, diff
+
+
+def write_comparison(root, rows):
+    """results.csv/.md and compare.json of a comparison (rank 0) -> pretrained minus random test top-1."""
     a, b = rows[0]["Top@1"], rows[1]["Top@1"]
     diff = None if a is None or b is None else a - b
     footer = f"\npretrained - random init, test top-1: {fmt(diff)} points\n"
@@ -449,11 +459,7 @@ def run_compare(fit, config, winner=None, pool=None):
         write_json(root / "compare.json", {"pretrained_top1": a, "random_init_top1": b, "difference": diff,
                                            "pretrained_run": rows[0]["run"], "random_init_run": rows[1]["run"]})
         print(markdown_table(rows, ("init",) + RESULT_COLUMNS) + footer, flush=True)
-    lock.release()
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed:
-        fail(f"--compare: the {failed[0]['init']} run failed: {failed[0]['error']} (see {root / 'results.md'})")
-    return rows, diff
+    return diff
 
 
 def run(config, grid, fit):

@@ -20,14 +20,6 @@ from .options import run_dir_of
 from .records import write_json
 
 
-def error_text(e):
-    """One line for the table: fit()'s own message, or the exception's type and first line."""
-    if isinstance(e, SystemExit):
-        return str(e.code).removeprefix("error: ").strip() or "SystemExit"
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
 def run_trial(fit, t, stop_after=None, writes=True):
     """fit(t) that records a failure (an exception, out of memory) instead of ending the grid ->
     (metrics or None, error line or None). writes: this process writes the trial's folder."""
@@ -35,7 +27,7 @@ def run_trial(fit, t, stop_after=None, writes=True):
     try:
         m, msg = fit(t, stop_after=stop_after), None
     except (Exception, SystemExit) as e:  # KeyboardInterrupt still stops everything
-        m, msg = None, error_text(e)
+        m, msg = None, processes.error_line(e, typed=True)
         if not isinstance(e, SystemExit):
             traceback.print_exc()
     if msg is not None:

@@ -3,7 +3,9 @@ a failure, and the collectives the loop uses (each a no-op in a single process).
 import io
 import os
 import sys
+import time
 import traceback
+import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -64,15 +66,47 @@ def init_distributed(device, world):
 
 def start_store():
     """This start's own view of the store torchrun's agent shares with its workers, or None where
-    the agent shares none. That store outlives a restart (--max-restarts), and a key left by the
-    killed start (a peer's old address) would be read as this start's: keys go under a prefix
-    counted per rank, which every rank reaches once per start, on every node alike."""
+    the agent shares none. That store outlives a restart (--max-restarts), and a key left by a
+    killed start (a peer's old address) would be read as this start's: keys go under a prefix that
+    rank 0 of this start draws and hands to each rank of this start (agreed_prefix)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=DIST_TIMEOUT)
-    start = store.add(f"starts/rank{os.environ['RANK']}", 1)
-    return dist.PrefixStore(f"start{start}", store)
+    return dist.PrefixStore(agreed_prefix(store, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])), store)
+
+
+def agreed_prefix(store, rank, world):
+    """A key prefix every rank of this start shares, and no other start: rank 0 draws it and hands it
+    to each rank that says hello with a fresh nonce. Rank 0 first removes the hellos a killed start
+    left (so whatever hello it reads is this start's); a rank whose hello it removed says it again.
+    Ranks of a start that died before all of them met, or that an elastic change renumbered, never
+    share a prefix with this one."""
+    prefix, deadline = f"start-{uuid.uuid4().hex}", time.monotonic() + DIST_TIMEOUT.total_seconds()
+    if rank == 0:
+        for r in range(1, world):
+            store.delete_key(f"hello/rank{r}")
+        for r in range(1, world):
+            store.set(f"welcome/{read_key(store, f'hello/rank{r}', deadline)}", prefix)
+        return prefix
+    nonce = uuid.uuid4().hex
+    while True:
+        store.set(f"hello/rank{rank}", nonce)  # again each second: rank 0 may have removed it
+        if (prefix := read_key(store, f"welcome/{nonce}", deadline, once=True)) is not None:
+            return prefix
+
+
+def read_key(store, key, deadline, once=False):
+    """The key's value once it is set (waiting a second at a time; None after one second with once),
+    or TimeoutError past the deadline."""
+    while time.monotonic() < deadline:
+        try:
+            store.wait([key], timedelta(seconds=1))
+            return store.get(key).decode()
+        except (RuntimeError, dist.DistStoreError):  # not set within the second
+            if once:
+                return None
+    raise TimeoutError(f"the processes of this torchrun start did not all meet within {DIST_TIMEOUT} ({key})")
 
 
 def init_group(backend, **kwargs):
@@ -139,10 +173,13 @@ def all_reduce(tensor, op="sum"):
     return tensor
 
 
-def error_line(error):
-    """An exception's one line: fit()'s own message without 'error: ', else its text or type."""
-    text = str(getattr(error, "code", None) or error) or type(error).__name__
-    return text.removeprefix("error: ").strip().splitlines()[0] if text.strip() else type(error).__name__
+def error_line(error, typed=False):
+    """An exception's one line: fit()'s own message without 'error: ', else its first line (typed:
+    after its type's name, as a results table shows it), or its type's name."""
+    if isinstance(error, SystemExit):
+        return (str(error.code or "").removeprefix("error: ").strip().splitlines() or ["SystemExit"])[0]
+    first = (str(error).strip().splitlines() or [""])[0]
+    return type(error).__name__ if not first else f"{type(error).__name__}: {first}" if typed else first
 
 
 class RanksFailed(SystemExit):

@@ -8,9 +8,11 @@ dataset/101_ObjectCategories.tar.gz of this repository (where split_data.py find
 ../shared/data/101_ObjectCategories.tar.gz beside the repository.
 """
 import atexit
+import contextlib
 import io
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -121,6 +123,21 @@ def extract_subset(dest, per_class, classes=None, max_side=64, test_per_class=2)
 def real_split(tmp_path_factory):
     """101 classes, 6 train + 2 test images each, 64 px: a real but tiny split."""
     return extract_subset(tmp_path_factory.mktemp("real_split"), per_class=8)
+
+
+@contextlib.contextmanager
+def tmpfs(mnt, size):
+    """A small file system (tmpfs of `size`, e.g. "1M") mounted at mnt for the block, to fill; the test
+    is skipped where this process may not mount (it needs root)."""
+    Path(mnt).mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs to fill (needs root): {r.stderr.strip()}")
+    try:
+        yield Path(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def driver(folder, patch="", script="main_ResNet-18.py"):

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tmpfs
+
 import common
 from study import options
 from study import pipeline
@@ -92,17 +94,10 @@ def build_cache_process(paths, cache, side):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 1 MiB file system (tmpfs), 900 KiB of it already taken; skipped where mount is not allowed."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs to fill (needs root): {r.stderr.strip()}")
-    try:
+    """A 1 MiB file system (tmpfs), 900 KiB of it already taken."""
+    with tmpfs(tmp_path / "disk", "1M") as mnt:
         (mnt / "filler").write_bytes(bytes(900 * 1024))
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 @pytest.mark.slow

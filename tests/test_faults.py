@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import common
-from conftest import at_step, driver
+from conftest import at_step, driver, tmpfs
 from study import loop, options
 from study import records
 
@@ -142,17 +142,10 @@ def small_config(data, out, **over):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 256 KiB file system (tmpfs): room for a run's records, not for the tiny network's checkpoint (about
-    1 MB with its optimizer state); skipped where mount is not allowed."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a 256 KiB tmpfs to fill (needs root): {r.stderr.strip()}")
-    try:
+    """256 KiB: room for a run's records, not for the tiny network's checkpoint (about 1 MB with its
+    optimizer state)."""
+    with tmpfs(tmp_path / "disk", "256k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_a_full_disk_while_best_pth_is_written_ends_in_one_line_and_leaves_no_temporary_file(data, tmp_path,

@@ -182,6 +182,33 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_grid_ends_as_uninterrupt
 
 
 @pytest.mark.slow
+def test_a_restart_after_a_start_that_died_before_every_rank_met_forms_the_group(data, tmp_path):
+    """In the first start process 1 dies (SIGKILL) once process 0 is joining the group, before process 1
+    ever reached the store; torchrun starts both again and the second start's group forms."""
+    marker = tmp_path / "rank0-joining"
+    patch = (f"from study import processes\n"
+             f"first = os.environ['TORCHELASTIC_RESTART_COUNT'] == '0'\n"
+             f"real_init = processes.init_group\n"
+             f"def joining(*a, **k):\n"
+             f"    open({str(marker)!r}, 'w').close()\n"
+             f"    return real_init(*a, **k)\n"
+             f"processes.init_group = joining\n"
+             f"if rank == 1 and first:\n"
+             f"    import time\n"
+             f"    while not os.path.exists({str(marker)!r}):\n"
+             f"        time.sleep(0.05)\n"
+             f"    time.sleep(1)  # process 0 is in the store by now\n"
+             f"    os.kill(os.getpid(), 9)\n")
+    r = subprocess.run(torchrun("--data", data, "--out", tmp_path, *TINY, "--epochs", "1", "--batch-size", "4",
+                                extra=["--max-restarts", "1"], script=driver(tmp_path, patch)),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env1())
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "exitcode: -9" in r.stderr or "Signals.SIGKILL" in r.stderr, r.stderr[-3000:]
+    (run_dir,) = (tmp_path / "main_ResNet-18").iterdir()
+    assert json.loads((run_dir / "metrics.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
 def test_a_rank_failing_inside_an_epoch_ends_both_processes_within_seconds(data, tmp_path):
     script = driver(tmp_path, at_step(3, "if rank == 1: raise RuntimeError('injected failure at step 3')"))
     t = time.time()
