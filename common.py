@@ -84,14 +84,17 @@ def make_training(run, loaders, frozen, preprocess):
 def train_epochs(run, training, progress, writer, last_epoch, step):
     """The epoch loop: train, validate, keep best.pth (on validation) and last.pth. -> progress."""
     c, t = run.config, training
-    criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])  # validation's: every image alike
+    weight = loop.class_weights(run.splits["train"], len(run.classes)).to(run.device) \
+        if c.get("class_balance", "none") == "loss" else None
+    train_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=c["label_smoothing"])
     if run.ckpt:  # dropout draws continue as if never interrupted, each rank's its own
         hardware.set_rng_state(run.ckpt, run.device, run.rank)
     for epoch in range(progress.start_epoch, last_epoch + 1):
         t.batches["train"].set_epoch(epoch)
         step.name = "training"
         try:
-            tm = loop.train_one_epoch(t.net, t.batches["train"], t.optimizer, t.scheduler, criterion, run.device,
+            tm = loop.train_one_epoch(t.net, t.batches["train"], t.optimizer, t.scheduler, train_loss, run.device,
                                       t.dtype, epoch=epoch, scaler=t.scaler, show_bar=run.rank == 0,
                                       bn_stats=c["bn_stats"], batch_step=t.batch_step)
         except loop.NonFiniteLoss as e:  # every process raised it at the same step: agreed, not fatal

@@ -161,6 +161,13 @@ def lr_schedule(optimizer, steps_per_epoch, epochs, warmup_epochs=1.0):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def class_weights(samples, num_classes):
+    """--class-balance loss: each class's cross-entropy weighted by 1 / its training images (the
+    original scripts' weights), scaled so that the weights average 1 over the training images."""
+    counts = torch.bincount(torch.tensor([y for _, y in samples]), minlength=num_classes).double()
+    return (counts.sum() / ((counts > 0).sum() * counts.clamp(min=1))).float()
+
+
 def improves(m, best):
     """Checkpoint selection on validation: higher top-1; on a tie, lower loss. Ties are common (on a
     few hundred images top-1 moves in coarse steps and stalls as the cosine schedule ends), and the

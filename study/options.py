@@ -34,8 +34,8 @@ EXEMPT = ("resume", "workers", "device", "cache_dir", "gpu_cache", "cache_frozen
 RESOLVED = ("precision", "identity", "data", "weights")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
 # Runs older than --scratch-recipe trained without its options (optimizer None: AdamW, as pretrained runs now).
-LEGACY = {"crop_mode": "center", "split_seed": None, "scratch_recipe": "tuned", "optimizer": None,
-          "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0, "auto_augment": "none",
+LEGACY = {"crop_mode": "center", "class_balance": "none", "split_seed": None, "scratch_recipe": "tuned",
+          "optimizer": None, "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0, "auto_augment": "none",
           "tta": "none"}
 
 
@@ -130,6 +130,9 @@ def get_args_parser(defaults):
       help="pretrained weights: first train the new head alone this many epochs on cached features at "
            "10 x --lr (linear probe, then fine-tune: LP-FT); 0 = off")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
+    a("--class-balance", default=d.get("class_balance", "none"), choices=("none", "loss"),
+      help="loss: weight each class's training cross-entropy by 1 / its training images (the original "
+           "scripts' weights), so that a class of 31 images counts as much as one of 800; none: every image alike")
     a("--scratch-recipe", default=d.get("scratch_recipe", "tuned"), choices=SCRATCH_RECIPES,
       help="--weights none: tuned (this project's, chosen on validation: docs/RESULTS.md#scratch) or original "
            "(the original scripts': AdamW at the script's --lr, --augment seed); options given on the command "
@@ -276,6 +279,8 @@ def default_run_name(c):
     name = f"{w}-{u}-b{c['batch_size']}-lr{c['lr']:g}-wd{c['weight_decay']:g}-e{c['epochs']}-{c['img_size']}px"
     if c.get("crop_mode", "center") != "center":
         name += f"-{c['crop_mode']}"
+    if c.get("class_balance", "none") != "none":
+        name += "-balanced"
     if c.get("seed", 0):
         name += f"-seed{c['seed']}"
     if c.get("split_seed", 0):

@@ -256,3 +256,27 @@ def test_grid_spec_parses_and_rejects_bad_axes():
         experiments.parse_grid_spec("colour=red")
     with pytest.raises(SystemExit, match="not a number"):
         experiments.parse_grid_spec("lr=fast")
+
+
+def test_class_balance_weights_each_class_by_one_over_its_images_in_torchs_cross_entropy():
+    """--class-balance loss: weights N / (C n_c) over the C classes with images, mean 1 over the images;
+    in nn.CrossEntropyLoss(weight=) a class of 1 image then counts as much as one of 6."""
+    samples = [("a", 0)] * 6 + [("b", 1)] * 3 + [("c", 2)]
+    w = loop.class_weights(samples, 4)  # class 3 has no training image
+    assert torch.allclose(w, torch.tensor([10 / 18, 10 / 9, 10 / 3, 10 / 3]))
+    assert torch.isclose(w[torch.tensor([y for _, y in samples])].mean(), torch.tensor(1.0))
+    logits, y = torch.randn(10, 4), torch.tensor([y for _, y in samples])
+    per_image = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    per_class = torch.stack([per_image[y == c].mean() for c in range(3)])
+    assert torch.isclose(torch.nn.CrossEntropyLoss(weight=w)(logits, y), per_class.mean())  # classes alike
+
+
+def test_class_balance_is_a_recorded_recipe_option_with_its_own_run_name(tmp_path):
+    defaults = dict(arch="tiny", batch_size=8, epochs=1, scratch_epochs=1, lr=1e-3, weight_decay=1e-4,
+                    unfreeze="last:1")
+    c = options.resolve_config(options.get_args_parser(defaults).parse_args(["--class-balance", "loss"]), defaults,
+                               "t")
+    assert c["class_balance"] == "loss" and options.default_run_name(c).endswith("-balanced")
+    old = {k: v for k, v in c.items() if k != "class_balance"}  # a config.json from before the option
+    assert options.differing_options(old, dict(c, class_balance="none")) == []
+    assert options.differing_options(old, c) == [("class_balance", "none", "loss")]

@@ -192,7 +192,9 @@ def test_on_device_agrees_with_pil_path(real_split, tmp_path):
             device=CPU, seed=5, cache_dir=str(tmp_path), progress=False, on_device=on_device)])
             for on_device in (False, True))
         per_image = (a - b).abs().mean((1, 2, 3))
-        assert per_image.max() < 0.25 and per_image.mean() < 0.12, (name, per_image.max())
+        # what the two renderers agree on (no antialiasing on the GPU, bilinear against nearest, blur
+        # order): a mean of 0.08-0.10 and a worst image under 0.2 over seeds; a wrong crop or flip is far above
+        assert per_image.max() < 0.21 and per_image.mean() < 0.10, (name, per_image.max(), per_image.mean())
 
 
 def test_seed_recipes_are_the_original_transforms():

@@ -135,6 +135,23 @@ def test_a_finished_run_without_last_pth_is_never_overwritten(tiny_split, tmp_pa
     assert folder_bytes(run_dir) == before
 
 
+def test_class_balance_trains_on_the_weighted_loss_and_validates_on_the_plain_one(tiny_split, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_split, data)
+    for f in sorted((data / "train" / "accordion").iterdir())[:4]:  # 2 accordions against 4 (the limit) of the others
+        f.unlink()
+    plain = config_for(data, tmp_path, epochs=1, precision="fp32")  # bit-reproducible: only the weights differ
+    balanced = dict(plain, class_balance="loss")
+    runs = [common.fit(c) and options.run_dir_of(c) for c in (plain, balanced)]
+    assert "-balanced" in runs[1].name
+    loss = lambda d, tag: [e.value for e in tb_scalars(d).Scalars(tag)]
+    assert loss(runs[0], "Loss/train") != loss(runs[1], "Loss/train")  # the same steps, weighted otherwise
+    # validation's loss is every image alike: only the weights the training reached differ
+    assert json.loads((runs[1] / "config.json").read_text())["class_balance"] == "loss"
+
+
 R50_DEFAULTS = dict(arch="resnet50", batch_size=32, epochs=30, scratch_epochs=50, lr=1e-3, weight_decay=1e-5,
                     unfreeze="last:1")
 BAD = [
