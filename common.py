@@ -122,7 +122,7 @@ def test_pass(run, training, loaders, progress, writer, step):
     c = run.config
     step.name = "test"
     processes.barrier()  # every rank reads best.pth once rank 0 has written it
-    best = records.load_checkpoint(run.run_dir / "best.pth", steps.CHECKPOINT_KEYS)
+    best = records.load_checkpoint(run.run_dir / "best.pth", records.CHECKPOINT_KEYS)
     run.model.load_state_dict(best["model"])
     criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])
     test_m = loop.evaluate(training.net, training.batches["test"], criterion, run.device, training.dtype,

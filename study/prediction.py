@@ -13,7 +13,6 @@ from . import nets, pipeline, records
 from .data import is_image_name
 from .decode_cache import evaluation_frame
 
-CHECKPOINT_KEYS = ("model", "classes", "arch", "preprocess")
 PREPROCESS_KEYS = ("crop", "resize", "mean", "std", "interpolation")
 
 
@@ -28,7 +27,7 @@ def load_model(path):
     """best.pth / last.pth -> (model in eval mode on the CPU, class names, preprocess dict). The
     preprocess dict also holds the run's --tta ("tta"; none for checkpoints without a config)."""
     try:
-        ckpt = records.load_checkpoint(path, CHECKPOINT_KEYS)
+        ckpt = records.load_checkpoint(path, records.EVALUATE_KEYS)
     except records.CheckpointError as e:
         raise PredictError(f"checkpoint {e}") from None
     arch, classes = ckpt["arch"], list(ckpt["classes"])

@@ -20,6 +20,11 @@ except ImportError:  # Windows: no fcntl; folders are not locked there
     fcntl = None
 
 
+# What a checkpoint of this project holds: enough to evaluate it (predict.py), and to resume its run.
+EVALUATE_KEYS = ("model", "classes", "arch", "preprocess")
+CHECKPOINT_KEYS = EVALUATE_KEYS + ("optimizer", "scheduler", "epoch", "config", "best")
+
+
 class CheckpointError(ValueError):
     """A file that is not a readable checkpoint of this project; the message is one line."""
 

@@ -14,9 +14,6 @@ from .nets import ARCHS, build_model, freeze, make_preprocess, param_groups, par
 from .options import RESOLVED, image_options, run_dir_of
 from .records import CheckpointError
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "config", "classes", "best")
-
-
 def loader_options(config, device, rank=0, world=1, on_device=None):
     """The keyword arguments every pipeline.build_loader call of a run shares."""
     return dict(preprocess=make_preprocess(config["arch"], config["img_size"], config["crop_mode"]),
@@ -177,7 +174,7 @@ def resumed_checkpoint(config, run_dir, classes):
                  f"pass --name NEW for a new run")
         return None
     try:
-        ckpt = records.load_checkpoint(path, CHECKPOINT_KEYS)
+        ckpt = records.load_checkpoint(path, records.CHECKPOINT_KEYS)
     except CheckpointError as e:
         fail(f"--resume {e}")
     identity.check_same_run(ckpt["config"], config, f"--resume {path}: the run was made with other options or data",
