@@ -1,11 +1,12 @@
-"""What a run is, beyond its options: the data it saw and how it was computed.
+"""What a run is, beyond its options: the data it saw, how it was computed, its weights.
 
 A run's options are recorded as given (config.json). Several things change its numbers without
 being options: the split that lay in --data, the images of each class, the validation carve, the
-number of processes (and so the global batch), the precision that `auto` resolved to and the
-device type. They are recorded as the config's "identity" entry (data.data_identity, compute_identity). A resume, a grid's reuse of a
-folder and --compare's reuse of a grid winner refuse a run whose identity differs, naming what
-differs (`check_same_run`); report.py keeps runs of different splits in different tables.
+number of processes (and so the global batch), the precision that `auto` resolved to, the device
+type (and with it the augmentation's renderer) and the bytes of a weights file. They are recorded as
+the config's "identity" entry (run_identity). A resume, a grid's reuse of a folder and --compare's
+reuse of a grid winner refuse a run whose identity differs, naming what differs (check_same_run);
+report.py keeps runs of different splits in different tables.
 """
 import hashlib
 from pathlib import Path

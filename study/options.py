@@ -35,8 +35,8 @@ RESOLVED = ("precision", "identity", "data", "weights")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
 # Runs older than --scratch-recipe trained without its options (optimizer None: AdamW, as pretrained runs now).
 LEGACY = {"crop_mode": "center", "class_balance": "none", "split_seed": None, "scratch_recipe": "tuned",
-          "optimizer": None, "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0, "auto_augment": "none",
-          "tta": "none"}
+          "optimizer": None, "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0,
+          "auto_augment": "none", "tta": "none"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

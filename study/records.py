@@ -49,9 +49,9 @@ def atomic_write(path, write):
         free = shutil.disk_usage(path.parent).free  # before the temporary file goes
         # torch.save's zip writer reports a full disk as RuntimeError("... unexpected pos ...")
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (isinstance(e, RuntimeError) and free < 2**20):
+            kept = "its previous version is kept" if path.exists() else "nothing was written"
             raise DiskFull(f"error: {path}: the disk is full ({free / 2**20:.1f} MiB free on the disk of "
-                           f"{path.parent}); {'its previous version is kept' if path.exists() else 'nothing was written'}"
-                           f": free some space, or write elsewhere (--out, --cache-dir)") from None
+                           f"{path.parent}); {kept}: free some space, or write elsewhere (--out, --cache-dir)") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)

@@ -69,7 +69,7 @@ def gather(runs_dir, warn=None):
 # --------------------------------------------------------------------------------------------
 def setting_of(c):
     """-> (data folder, carve, image size or None for the network's own, limit or None, validation
-    fraction, split fingerprint or None for a run from before runs recorded it).
+    fraction, split fingerprint or None for a run from before runs recorded it, device type or None).
 
     The carve: runs with split_seed share their validation images whatever their --seed; older
     runs carved validation with --seed itself, so their seed is part of their setting. A relative
@@ -79,9 +79,11 @@ def setting_of(c):
     size = c.get("img_size")
     if size is None or size == OWN_IMG_SIZE.get(c.get("arch")):
         size = None
-    split = ((c.get("identity") or {}).get("data") or {}).get("split")  # another split: another table
+    ident = c.get("identity") or {}
+    split = (ident.get("data") or {}).get("split")  # another split: another table
+    device = (ident.get("compute") or {}).get("device_type")  # another augmentation renderer: another table
     return (data, carve, size, c.get("limit_per_class") or None, float(c.get("val_fraction", 0.1)),
-            split[:12] if split else None)
+            split[:12] if split else None, device)
 
 
 def typed_data(rows, setting):

@@ -263,7 +263,8 @@ def eval_sources(run, loaders, options):
 
 def probe_wanted(run):
     c = run.config
-    return bool(c["probe_epochs"]) and run.ckpt is None and c["weights"] != "none" and not head_on_features(c, run.world)
+    return (bool(c["probe_epochs"]) and run.ckpt is None and c["weights"] != "none"
+            and not head_on_features(c, run.world))
 
 
 def linear_probe(run, loaders, sources, frozen, budget, step):
@@ -295,7 +296,7 @@ def linear_probe(run, loaders, sources, frozen, budget, step):
         feats.batches["train"].set_epoch(PROBE_EPOCH_BASE + epoch)
         try:
             tm = loop.train_one_epoch(head, feats.batches["train"], optimizer, scheduler, criterion, run.device, None,
-                                 epoch=epoch, show_bar=False)
+                                      epoch=epoch, show_bar=False)
         except loop.NonFiniteLoss as e:  # agreed by every process, as in the epochs
             raise processes.RanksFailed(f"error: linear probe: {e}") from None
         score = loop.evaluate(head, feats.batches["val"], criterion, run.device, None, len(run.classes)) \

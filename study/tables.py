@@ -13,20 +13,21 @@ COLUMNS = ("model", "batch", "epochs", "lr", "weight decay", "trained part", "To
 
 def describe_setting(s, rows=()):
     """The setting in words; rows: its runs, whose --data spelling is shown."""
-    _, (how, seed), size, limit, val, split = s
+    _, (how, seed), size, limit, val, split, device = s
     carve = (f"carved by split seed {seed}" if how == "split_seed"
              else f"carved by --seed {seed} (a run from before --split-seed)")
+    render = {"cpu": "; trained on CPUs (augmentation by PIL)", "cuda": "; trained on GPUs (augmentation by tensor ops)"}
     return (f"data `{typed_data(rows, s)}`" + (f" (split {split})" if split else "")
             + "; " + ("every image" if limit is None else f"at most {limit} images per class of each split")
             + "; " + ("each network at its own image size" if size is None else f"{size} px")
-            + f"; validation {100 * val:g}% of each train/ class, {carve}")
+            + f"; validation {100 * val:g}% of each train/ class, {carve}" + render.get(device, ""))
 
 
 def setting_slug(s):
-    data, (how, seed), size, limit, val, split = s
+    data, (how, seed), size, limit, val, split, device = s
     parts = [Path(data).name or "data", f"{'split' if how == 'split_seed' else 'seed'}{seed}",
              "own-size" if size is None else f"{size}px", "all" if limit is None else f"lim{limit}", f"val{val:g}"]
-    parts += [split[:8]] if split else []
+    parts += ([split[:8]] if split else []) + (["gpu"] if device == "cuda" else [])
     return re.sub(r"[^A-Za-z0-9.+=-]", "_", "-".join(parts))
 
 

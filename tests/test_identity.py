@@ -202,20 +202,21 @@ def test_a_second_grid_command_on_a_grid_in_use_stops_naming_the_holder(source, 
     assert sum(line.startswith("test top-1") for line in out.splitlines()) == 2  # each trial once, by the first
 
 
-def test_report_keeps_runs_of_two_splits_in_two_tables(tmp_path):
+def test_report_keeps_runs_of_two_splits_or_two_device_types_in_their_own_tables(tmp_path):
     from study import results, tables
 
-    for name, split in (("a", "1" * 64), ("b", "2" * 64)):
+    for name, split, device in (("a", "1" * 64, "cpu"), ("b", "2" * 64, "cpu"), ("c", "1" * 64, "cuda")):
         run_dir = tmp_path / "main_ResNet-18" / name
         run_dir.mkdir(parents=True)
         c = dict(arch="resnet18", weights="imagenet", batch_size=32, epochs=2, lr=1e-3, weight_decay=1e-5,
                  unfreeze="layer4", data="dataset/images", split_seed=0, img_size=224, val_fraction=0.1,
-                 identity={"data": {"split": split}, "compute": {"processes": 2}})
+                 identity={"data": {"split": split}, "compute": {"processes": 2, "device_type": device}})
         (run_dir / "config.json").write_text(json.dumps(c))
         (run_dir / "metrics.json").write_text(json.dumps({"test_top1": 90.0, "best_val_top1": 91.0, "processes": 2}))
     rows = results.gather(tmp_path)
     main, groups = results.group_settings(rows)
-    assert len(groups) == 2 and {s[-1] for s, _ in groups} == {"1" * 12, "2" * 12}
+    settings = {(s[5], s[6]): s for s, _ in groups}
+    assert sorted(settings) == [("1" * 12, "cpu"), ("1" * 12, "cuda"), ("2" * 12, "cpu")]
     assert {r["batch"] for r in rows} == {"64 (32 x 2)"}  # the global batch, and per process
-    assert "(split 111111111111)" in tables.describe_setting(groups[0][0] if groups[0][0][-1] == "1" * 12
-                                                             else groups[1][0])
+    assert "(split 111111111111)" in tables.describe_setting(settings["1" * 12, "cpu"])
+    assert tables.describe_setting(settings["1" * 12, "cuda"]).endswith("trained on GPUs (augmentation by tensor ops)")
