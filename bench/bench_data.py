@@ -1,9 +1,9 @@
 """Throughput of the training input path alone: image files -> normalised batches on the device.
 
-    python bench/bench_data.py --data DIR --seed-recipe resnet --workers 2             # ours
-    python bench/bench_data.py --data DIR --seed-recipe resnet --workers 2 --original  # the original
+    python bench/bench_data.py --data DIR --seed-policy resnet --workers 2             # ours
+    python bench/bench_data.py --data DIR --seed-policy resnet --workers 2 --original  # the original
 
-    python bench/bench_data.py --data DIR --seed-recipe resnet --workers 2 --compare --repeats 3
+    python bench/bench_data.py --data DIR --seed-policy resnet --workers 2 --compare --repeats 3
 
 DIR holds train/<class>/*.jpg. Ours = pipeline.build_loader with the original script's `seed`
 augmentation (on CUDA, the decode cache resident on the device unless --resident off);
@@ -36,14 +36,14 @@ import torch  # noqa: E402
 import original  # noqa: E402  (bench/original.py)
 from study import pipeline  # noqa: E402
 
-# --seed-recipe -> (augment.SEED_RECIPES name, crop px) as the original scripts ran them
+# --seed-policy -> (augment.SEED_POLICIES name, crop px) as the original scripts ran them
 RECIPES = {"resnet": ("resnet18", 224), "efficientnet_b4": ("efficientnet_b4", 380)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder with train/<class>/ images")
-    p.add_argument("--seed-recipe", choices=sorted(RECIPES), default="resnet",
+    p.add_argument("--seed-policy", choices=sorted(RECIPES), default="resnet",
                    help="which original train transforms (default: resnet = ResNet-18's)")
     p.add_argument("--seconds", type=float, default=20.0,
                    help="measured time after the warm-up, s (default: 20)")
@@ -124,7 +124,7 @@ def wait_idle(limit_s: float = 60.0) -> None:
 
 def make_original(args, device):
     """Batches of the original pipeline, forever."""
-    name, crop = RECIPES[args.seed_recipe]
+    name, crop = RECIPES[args.seed_policy]
     return original.batches(os.path.join(args.data, "train"), original.train_transform(name, crop),
                             args.batch_size, args.workers, device)
 
@@ -139,7 +139,7 @@ def scratch_folder() -> str:
 def make_ours(args, device):
     """Batches of pipeline.build_loader (builds or reuses the cache), forever."""
     from torchvision.datasets import ImageFolder
-    name, crop = RECIPES[args.seed_recipe]
+    name, crop = RECIPES[args.seed_policy]
     samples = ImageFolder(os.path.join(args.data, "train")).samples   # (path, class index)
     pre = pipeline.Preprocess(crop=crop, resize=original.resize_of(name, crop), mean=original.MEAN,
                               std=original.STD)
@@ -148,7 +148,7 @@ def make_ours(args, device):
     if resident and not on_device:
         raise SystemExit("--resident on needs the on-device path: --on-device on (or auto on CUDA)")
     loader = pipeline.build_loader(
-        samples, train=True, preprocess=pre, augment="seed", seed_recipe=name,
+        samples, train=True, preprocess=pre, augment="seed", seed_policy=name,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
         cache_dir=args.cache_dir or scratch_folder(), on_device=on_device)
     if resident:   # as a run places its caches: after building the loader

@@ -9,7 +9,7 @@ Ours = the project's own pieces: nets.build_model (random weights: nothing to do
 nets.freeze + parse_unfreeze, nets.param_groups (AdamW), nets.set_train_mode (frozen
 BatchNorm in eval mode), channels_last, hardware.resolve_precision + autocast, gradient
 clipping at 1.0 as loop.train_one_epoch; batches from pipeline.build_loader (--data, the
-`seed` augmentation of the architecture's seed recipe) or synthetic tensors (--synthetic).
+`seed` augmentation of the architecture's seed policy) or synthetic tensors (--synthetic).
 --original = the original study's loop on the same images: its input path (bench/original.py:
 ImageFolder + the original script's PIL transforms + DataLoader(shuffle)), the same network in fp32
 and contiguous memory, every BatchNorm in train mode, the original optimiser (AdamW + clip
@@ -139,7 +139,7 @@ def setup_ours(args, device, samples, num_classes):
         return step, synthetic_batches(args, pre.crop, num_classes, device), dtype
     resident = {"auto": device.type == "cuda", "on": True, "off": False}[args.resident]
     loader = pipeline.build_loader(
-        samples, train=True, preprocess=pre, augment="seed", seed_recipe=nets.ARCHS[arch].seed_recipe,
+        samples, train=True, preprocess=pre, augment="seed", seed_policy=nets.ARCHS[arch].seed_policy,
         batch_size=args.batch_size, workers=args.workers, device=device, seed=0,
         cache_dir=args.cache_dir or bench_data.scratch_folder(), on_device=True if resident else None)
     if resident:   # as a run places its caches: after building the loader
@@ -180,7 +180,7 @@ def setup_original(args, device, data_train, num_classes):
 
     if args.synthetic:
         return step, synthetic_batches(args, crop, num_classes, device)
-    _, batches = original.batches(data_train, original.train_transform(nets.ARCHS[arch].seed_recipe, crop),
+    _, batches = original.batches(data_train, original.train_transform(nets.ARCHS[arch].seed_policy, crop),
                                   args.batch_size, args.workers, device)
     return step, batches
 

@@ -200,8 +200,8 @@ bench() {
     fi
 }
 # the input path alone: ours (uint8 cache on the GPU, batched augmentation) vs the original on CPU workers
-for seed_recipe in resnet efficientnet_b4; do
-    bench "bench-data-$seed_recipe" 75 python bench/bench_data.py --data "$DATA" --seed-recipe "$seed_recipe" --device "$DEVICE" \
+for seed_policy in resnet efficientnet_b4; do
+    bench "bench-data-$seed_policy" 75 python bench/bench_data.py --data "$DATA" --seed-policy "$seed_policy" --device "$DEVICE" \
         --batch-size "$BATCH" --workers "$WORKERS" --seconds "$SECONDS_EACH" --warmup $((2 * WARMUP)) --cache-dir "$CACHE" \
         --compare --repeats 1
 done

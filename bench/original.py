@@ -1,7 +1,7 @@
 """The original study's training input path, the benches' baseline: its scripts' torchvision
 train transforms and their ImageFolder + DataLoader(shuffle) loop.
 
-augment.SEED_RECIPES reproduces these transforms as plain data (--augment seed); this module keeps
+augment.SEED_POLICIES reproduces these transforms as plain data (--augment seed); this module keeps
 them as the original scripts wrote them, for bench_data.py and bench_train.py to run.
 """
 import torch
@@ -11,19 +11,19 @@ NATIVE_CROP = {"resnet18": 224, "resnet50": 224, "resnet101": 224, "efficientnet
 STAND_IN = {"efficientnet_lite0": "resnet18"}   # no original script: the ResNet-18 one's, as augment
 
 
-def resize_of(seed_recipe: str, crop: int) -> int:
+def resize_of(seed_policy: str, crop: int) -> int:
     """The original's Resize before the random crop, px: 256 for a 224 crop (ResNets, scaled
     with the crop), the crop itself for EfficientNet-B4."""
-    return crop if STAND_IN.get(seed_recipe, seed_recipe) == "efficientnet_b4" else round(crop * 256 / 224)
+    return crop if STAND_IN.get(seed_policy, seed_policy) == "efficientnet_b4" else round(crop * 256 / 224)
 
 
-def train_transform(seed_recipe: str, crop: int | None = None):
-    """The original script's train transforms for `seed_recipe` (augment.SEED_RECIPES's names), at
+def train_transform(seed_policy: str, crop: int | None = None):
+    """The original script's train transforms for `seed_policy` (augment.SEED_POLICIES's names), at
     its own crop (NATIVE_CROP) or scaled to `crop` px."""
     from torchvision import transforms as T
-    name = STAND_IN.get(seed_recipe, seed_recipe)
+    name = STAND_IN.get(seed_policy, seed_policy)
     if name not in NATIVE_CROP:
-        raise ValueError(f"no original transforms for {seed_recipe!r}; choose from "
+        raise ValueError(f"no original transforms for {seed_policy!r}; choose from "
                          f"{', '.join(list(NATIVE_CROP) + list(STAND_IN))}")
     crop = crop or NATIVE_CROP[name]
     steps = {

@@ -139,7 +139,7 @@ def make_step(model, arch, device, dtype, ema=0.0):
 def paths(samples, classes, args, device, dtype):
     """-> {path name: (loader or CachedBatches, model)} for every input path."""
     pre = nets.make_preprocess(args.arch, args.img_size)
-    kw = dict(train=True, preprocess=pre, seed_recipe=nets.ARCHS[args.arch].seed_recipe, batch_size=args.batch_size,
+    kw = dict(train=True, preprocess=pre, seed_policy=nets.ARCHS[args.arch].seed_policy, batch_size=args.batch_size,
               workers=args.workers, device=device, seed=0, progress=False,
               cache_dir=args.cache_dir or bench_data.scratch_folder())
 

@@ -1,4 +1,4 @@
-"""Training augmentation: the recipes, each epoch's random parameters, and their rendering on cached
+"""Training augmentation: the policies, each epoch's random parameters, and their rendering on cached
 uint8 images, by PIL per image (render_pil, in the loader workers) or by batched tensor ops on any
 device (render_torch). An epoch's parameters are drawn at once with numpy, with torchvision's
 distributions, and folded into 3x3 geometric matrices and one colour matrix + offset per image
@@ -18,15 +18,15 @@ from PIL import Image
 
 
 # =============================================================================================
-# recipes: an augmentation recipe is a dict of _recipe's fields; SEED_RECIPES are named by the
-# original script they reproduce (nets.ARCHS' seed_recipe)
+# policies: an augmentation policy is a dict of _policy's fields; SEED_POLICIES are named by the
+# original script they reproduce (nets.ARCHS' seed_policy)
 # =============================================================================================
 AUGMENTS = ("seed", "light", "flip", "none")
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)   # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
 
 
-def _recipe(**changes) -> dict:
-    """One augmentation recipe as plain data; unnamed fields mean 'not applied'."""
+def _policy(**changes) -> dict:
+    """One augmentation policy as plain data; unnamed fields mean 'not applied'."""
     base = dict(
         scale=(0.08, 1.0),        # RandomResizedCrop area fraction of the Resize(resize) image
         ratio=(3 / 4, 4 / 3),     # RandomResizedCrop aspect ratio w/h
@@ -41,44 +41,44 @@ def _recipe(**changes) -> dict:
     )
     unknown = set(changes) - set(base)
     if unknown:
-        raise ValueError(f"unknown recipe fields {sorted(unknown)}")
+        raise ValueError(f"unknown policy fields {sorted(unknown)}")
     return {**base, **changes}
 
 
 # The original scripts' train transforms (verbatim in bench/original.py), each after Resize(resize).
-SEED_RECIPES: dict[str, dict] = {
-    "resnet18": _recipe(scale=(0.7, 1.0), flip=0.5, degrees=15.0, brightness=0.2, contrast=0.2,
+SEED_POLICIES: dict[str, dict] = {
+    "resnet18": _policy(scale=(0.7, 1.0), flip=0.5, degrees=15.0, brightness=0.2, contrast=0.2,
                         saturation=0.2, hue=0.1, grayscale=0.1),
-    "resnet50": _recipe(scale=(0.8, 1.0), flip=0.5, degrees=10.0, brightness=0.05,
+    "resnet50": _policy(scale=(0.8, 1.0), flip=0.5, degrees=10.0, brightness=0.05,
                         contrast=0.05, saturation=0.05),
-    "resnet101": _recipe(scale=(0.08, 1.0), flip=0.5, brightness=0.2, contrast=0.2),
+    "resnet101": _policy(scale=(0.08, 1.0), flip=0.5, brightness=0.2, contrast=0.2),
     # scale above 1 is kept: the crop sampler rejects boxes larger than the image, as torchvision
-    "efficientnet_b4": _recipe(scale=(0.6, 1.4), flip=0.5, degrees=20.0, brightness=0.2,
+    "efficientnet_b4": _policy(scale=(0.6, 1.4), flip=0.5, degrees=20.0, brightness=0.2,
                                contrast=0.2, saturation=0.2, hue=0.1, blur_sigma=(0.1, 2.0),
                                perspective=0.2, perspective_p=0.5),
 }
-SEED_RECIPES["efficientnet_lite0"] = dict(SEED_RECIPES["resnet18"])   # no original: resnet18's
-LIGHT_RECIPE = _recipe(scale=(0.08, 1.0), flip=0.5)   # torchvision references' train preset
+SEED_POLICIES["efficientnet_lite0"] = dict(SEED_POLICIES["resnet18"])   # no original: resnet18's
+LIGHT_POLICY = _policy(scale=(0.08, 1.0), flip=0.5)   # torchvision references' train preset
 # --augment flip: the evaluation framing (served from the eval cache), mirrored left-right with
 # this probability: the mildest augmentation, framing and scale kept.
 FLIP_P = 0.5
 
 
-def train_recipe(augment: str, seed_recipe: str) -> dict | None:
-    """The augmentation recipe (dict) for --augment `augment` of an architecture whose original
-    script is `seed_recipe` (nets.ARCHS, a SEED_RECIPES name); None for 'none' and 'flip'
+def train_policy(augment: str, seed_policy: str) -> dict | None:
+    """The augmentation policy (dict) for --augment `augment` of an architecture whose original
+    script is `seed_policy` (nets.ARCHS, a SEED_POLICIES name); None for 'none' and 'flip'
     (evaluation preprocessing; 'flip' mirrors it, see FLIP_P)."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTS)}")
-    if seed_recipe not in SEED_RECIPES:
-        raise ValueError(f"unknown seed recipe {seed_recipe!r}; choose from {', '.join(SEED_RECIPES)}")
-    return {"seed": SEED_RECIPES[seed_recipe], "light": LIGHT_RECIPE, "flip": None, "none": None}[augment]
+    if seed_policy not in SEED_POLICIES:
+        raise ValueError(f"unknown seed policy {seed_policy!r}; choose from {', '.join(SEED_POLICIES)}")
+    return {"seed": SEED_POLICIES[seed_policy], "light": LIGHT_POLICY, "flip": None, "none": None}[augment]
 
 
 # =============================================================================================
 # random parameters of an epoch (numpy, vectorised; shared by both renderers)
 # =============================================================================================
-def draw_params(recipe: dict, sizes: np.ndarray, crop: int, rng: np.random.Generator) -> dict:
+def draw_params(policy: dict, sizes: np.ndarray, crop: int, rng: np.random.Generator) -> dict:
     """Per-sample augmentation parameters with torchvision's distributions.
 
     sizes: int [n, 2] = (h0, w0) of each Resize(resize) image, px.
@@ -90,15 +90,15 @@ def draw_params(recipe: dict, sizes: np.ndarray, crop: int, rng: np.random.Gener
     H, W = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
     # RandomResizedCrop.get_params: 10 attempts, then a central fallback
     area = (H * W)[:, None]
-    target = area * rng.uniform(*recipe["scale"], (n, 10))
-    aspect = np.exp(rng.uniform(*np.log(recipe["ratio"]), (n, 10)))
+    target = area * rng.uniform(*policy["scale"], (n, 10))
+    aspect = np.exp(rng.uniform(*np.log(policy["ratio"]), (n, 10)))
     w = np.rint(np.sqrt(target * aspect))
     h = np.rint(np.sqrt(target / aspect))
     ok = (w > 0) & (h > 0) & (w <= W[:, None]) & (h <= H[:, None])
     first = ok.argmax(1)
     rows = np.arange(n)
     w, h, found = w[rows, first], h[rows, first], ok.any(1)
-    lo, hi = min(recipe["ratio"]), max(recipe["ratio"])
+    lo, hi = min(policy["ratio"]), max(policy["ratio"])
     in_ratio = W / H
     fw = np.where(in_ratio < lo, W, np.where(in_ratio > hi, np.rint(H * hi), W))
     fh = np.where(in_ratio < lo, np.rint(W / lo), H)
@@ -107,20 +107,20 @@ def draw_params(recipe: dict, sizes: np.ndarray, crop: int, rng: np.random.Gener
     i = np.where(found, np.floor(u * (H - h + 1)), (H - h) // 2)
     j = np.where(found, np.floor(v * (W - w + 1)), (W - w) // 2)
     p = dict(box=np.stack([i, j, h, w], 1))
-    p["flip"] = rng.random(n) < recipe["flip"]
-    p["angle"] = rng.uniform(-recipe["degrees"], recipe["degrees"], n)
+    p["flip"] = rng.random(n) < policy["flip"]
+    p["angle"] = rng.uniform(-policy["degrees"], policy["degrees"], n)
     for name in ("brightness", "contrast", "saturation"):
-        x = recipe[name]
+        x = policy[name]
         p[name] = rng.uniform(max(0.0, 1 - x), 1 + x, n) if x else np.ones(n)
-    p["hue"] = rng.uniform(-recipe["hue"], recipe["hue"], n) if recipe["hue"] else np.zeros(n)
+    p["hue"] = rng.uniform(-policy["hue"], policy["hue"], n) if policy["hue"] else np.zeros(n)
     p["order"] = np.argsort(rng.random((n, 4)), 1)          # a random permutation per sample
-    p["gray"] = rng.random(n) < recipe["grayscale"]
-    sig = recipe["blur_sigma"]
+    p["gray"] = rng.random(n) < policy["grayscale"]
+    sig = policy["blur_sigma"]
     p["sigma"] = rng.uniform(*sig, n) if sig else np.full(n, np.nan)
     # RandomPerspective.get_params on the crop x crop image
-    p["persp"] = rng.random(n) < recipe["perspective_p"]
+    p["persp"] = rng.random(n) < policy["perspective_p"]
     half = crop // 2
-    b = int(recipe["perspective"] * half) + 1
+    b = int(policy["perspective"] * half) + 1
     a0, a1 = rng.integers(0, b, (n, 4, 2)), rng.integers(crop - b, crop, (n, 4, 2))
     # corners top-left, top-right, bottom-right, bottom-left; (x, y)
     p["ends"] = np.stack([np.stack([a0[:, 0, 0], a0[:, 0, 1]], 1),

@@ -23,7 +23,7 @@ class Arch:
     weights: object  # torchvision weights enum member used by --weights imagenet (None: see lite0)
     head: str  # dotted name of the final Linear, replaced by a new one for our classes
     stages: tuple  # backbone stages in input order; `last:N` trains the last N; each is a tuple of module names
-    seed_recipe: str  # the original script whose augmentation `--augment seed` reproduces (augment.SEED_RECIPES)
+    seed_policy: str  # the original script whose augmentation `--augment seed` reproduces (augment.SEED_POLICIES)
 
 
 RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))

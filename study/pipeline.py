@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .augment import FLIP_P, draw_params, pack_plan, plan_arrays, render_pil, render_torch, train_recipe
+from .augment import FLIP_P, draw_params, pack_plan, plan_arrays, render_pil, render_torch, train_policy
 from .decode_cache import INTERPOLATIONS, cache_geometry, load_or_build_cache
 
 
@@ -144,11 +144,11 @@ class Loader:
     """Batches of one rank for one epoch at a time; see build_loader. images: the uint8 decode cache;
     rows: the cache row of each of `samples` (bad files keep their rows)."""
 
-    def __init__(self, *, images, rows, sizes, samples, train, recipe, pre, batch_size,
+    def __init__(self, *, images, rows, sizes, samples, train, policy, pre, batch_size,
                  workers, device, seed, rank, world_size, on_device, cache_path, long_side, flip_p):
         self.images, self.rows, self.sizes, self.samples = images, rows, sizes, samples
         self.labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
-        self.train, self.recipe, self.pre = train, recipe, pre
+        self.train, self.policy, self.pre = train, policy, pre
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.rank, self.world_size, self.on_device = rank, world_size, on_device
         self.long_side = long_side
@@ -189,10 +189,10 @@ class Loader:
         """Order and augmentation become a pure function of (seed, epoch, rank)."""
         order = self._order(epoch)
         self._plan = None
-        if self.recipe is not None:
+        if self.policy is not None:
             rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
             sizes = self.sizes[order]
-            self._plan = plan_arrays(draw_params(self.recipe, sizes, self.pre.crop, rng),
+            self._plan = plan_arrays(draw_params(self.policy, sizes, self.pre.crop, rng),
                                      sizes, self.pre.crop, self.long_side)
         if self.flip_p:
             rng = np.random.default_rng([self.seed, epoch, self.rank, 2])
@@ -302,14 +302,14 @@ def _readable(paths: list[str], bad: list[int], skip_bad: bool) -> np.ndarray:
 
 
 def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Preprocess,
-                 augment: str, seed_recipe: str, batch_size: int, workers: int,
+                 augment: str, seed_policy: str, batch_size: int, workers: int,
                  device: torch.device, seed: int, cache_dir: str, rank: int = 0,
                  world_size: int = 1, skip_bad: bool = False, progress: bool = True,
                  on_device: bool | None = None) -> Loader:
     """A Loader over (path, label) samples, each image decoded once into a file in cache_dir (or reused).
 
     train=True: a fresh permutation per epoch (same on every rank, rank r takes every world_size-th
-    sample), augmentation `augment` for `seed_recipe` (augment.train_recipe), a last batch of 1 dropped.
+    sample), augmentation `augment` for `seed_policy` (augment.train_policy), a last batch of 1 dropped.
     train=False: evaluation preprocessing, every sample exactly once across the ranks.
     on_device: None = batched tensor augmentation on CUDA, PIL on the CPU; True/False force a path."""
     device = torch.device(device)
@@ -317,7 +317,7 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
     if not samples:
         raise ValueError("no samples to load")
     _check_arguments(preprocess, batch_size, workers, rank, world_size)
-    aug = train_recipe(augment, seed_recipe) if train else None
+    aug = train_policy(augment, seed_policy) if train else None
     if train and batch_size < 2:
         raise ValueError("batch_size must be at least 2 for training (BatchNorm)")
     geo = cache_geometry(preprocess, augmented=aug is not None)
@@ -328,7 +328,7 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
     sizes = np.array([meta["sizes"][i] for i in good], dtype=np.int64).reshape(-1, 2)
     if train and len(kept) // world_size < 2:
         raise ValueError(f"too few training samples ({len(kept)}) for {world_size} rank(s)")
-    return Loader(images=images, rows=good, sizes=sizes, samples=kept, train=train, recipe=aug,
+    return Loader(images=images, rows=good, sizes=sizes, samples=kept, train=train, policy=aug,
                   pre=preprocess, batch_size=batch_size, workers=workers, device=device, seed=seed,
                   rank=rank, world_size=world_size, on_device=on_device, cache_path=cache_path,
                   long_side=geo.get("long", 0), flip_p=FLIP_P if train and augment == "flip" else 0.0)

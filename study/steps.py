@@ -17,7 +17,7 @@ from .records import CheckpointError
 def loader_options(config, device, rank=0, world=1, on_device=None):
     """The keyword arguments every pipeline.build_loader call of a run shares."""
     return dict(preprocess=make_preprocess(config["arch"], config["img_size"], config["crop_mode"]),
-                seed_recipe=ARCHS[config["arch"]].seed_recipe, workers=config["workers"], device=device,
+                seed_policy=ARCHS[config["arch"]].seed_policy, workers=config["workers"], device=device,
                 seed=config["seed"], cache_dir=config["cache_dir"] or str(Path(config["data"]) / ".cache"),
                 rank=rank, world_size=world, skip_bad=config["skip_bad"], progress=rank == 0,
                 on_device=on_device)

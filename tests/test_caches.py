@@ -174,7 +174,7 @@ def real_loader(data, cache, workers=2):
 
     samples = [(str(p), i // 6) for i, p in enumerate(sorted(data.glob("train/*/*.jpg")))]
     pre = pipeline.Preprocess(crop=48, resize=55, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    return pipeline.build_loader(samples, train=True, preprocess=pre, augment="seed", seed_recipe="resnet18",
+    return pipeline.build_loader(samples, train=True, preprocess=pre, augment="seed", seed_policy="resnet18",
                                  batch_size=8, workers=workers, device=torch.device("cpu"), seed=3,
                                  cache_dir=str(cache), progress=False, on_device=False)
 

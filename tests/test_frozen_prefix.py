@@ -118,7 +118,7 @@ def test_prefix_batches_serve_the_loaders_order_and_labels(tiny_split, tmp_path)
     classes, splits = data.read_data(lite0_config(tiny_split, tmp_path, "none"))[:2]
     train = splits["train"]
     pre = nets.make_preprocess("efficientnet_lite0", 32, "squash")
-    loader = pipeline.build_loader(train, train=True, preprocess=pre, augment="none", seed_recipe="efficientnet_lite0",
+    loader = pipeline.build_loader(train, train=True, preprocess=pre, augment="none", seed_policy="efficientnet_lite0",
                                    batch_size=16, workers=0, device=torch.device("cpu"), seed=3,
                                    cache_dir=str(tmp_path / "cache"))
     outputs = torch.arange(len(loader.samples), dtype=torch.float32).view(-1, 1) * 10  # row i: sample i

@@ -95,18 +95,18 @@ def test_geometry_matches_drawn_parameters(coord_samples, path, monkeypatch, cac
     """The loader's batches, by either renderer, realise the crop box, flip and rotation drawn
     from (seed, epoch, rank) with the seed resnet18 ranges."""
     pre = P.Preprocess(crop=40, resize=48, **IMAGENET)
-    # colour off so R/G still encode coordinates; the geometry of the resnet18 seed recipe
-    recipe = dict(A.SEED_RECIPES["resnet18"], brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale=0.0)
-    monkeypatch.setitem(A.SEED_RECIPES, "resnet18", recipe)
+    # colour off so R/G still encode coordinates; the geometry of the resnet18 seed policy
+    policy = dict(A.SEED_POLICIES["resnet18"], brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale=0.0)
+    monkeypatch.setitem(A.SEED_POLICIES, "resnet18", policy)
     samples = [(p, k) for k, (p, _) in enumerate(coord_samples * 16)]   # 96 samples, label = index
-    loader = P.build_loader(samples, train=True, preprocess=pre, augment="seed", seed_recipe="resnet18",
+    loader = P.build_loader(samples, train=True, preprocess=pre, augment="seed", seed_policy="resnet18",
                             batch_size=32, workers=0, device=CPU, seed=3, cache_dir=cache, progress=False,
                             on_device=PATHS[path])
     x, y = (torch.cat(t) for t in zip(*loader))
     order = np.concatenate(loader.batch_indices())
     assert y.tolist() == order.tolist() and len(order) == 96
     sizes = loader.sizes[order]
-    p = A.draw_params(recipe, sizes, pre.crop, np.random.default_rng([3, 0, 0, 1]))   # epoch 0, rank 0
+    p = A.draw_params(policy, sizes, pre.crop, np.random.default_rng([3, 0, 0, 1]))   # epoch 0, rank 0
     got = np.array([fit_geometry(x[k], pre, sizes[k]) for k in range(len(order))])
     area, aspect, flip, angle = got.T
     i, j, h, w = p["box"].T
@@ -115,7 +115,7 @@ def test_geometry_matches_drawn_parameters(coord_samples, path, monkeypatch, cac
     assert np.abs(angle - p["angle"]).max() < 2.0                      # degrees
     assert np.abs(area / drawn_area - 1).max() < 0.08
     assert np.abs(aspect / (w / h) - 1).max() < 0.08
-    # and the drawn parameters follow the recipe
+    # and the drawn parameters follow the policy
     assert 0.35 < p["flip"].mean() < 0.65
     assert np.abs(p["angle"]).max() <= 15 and np.abs(p["angle"]).max() > 12
     aspect0 = sizes[:, 1] / sizes[:, 0]
@@ -130,7 +130,7 @@ def test_light_augment_statistics_through_loader(coord_samples, path, cache):
     """Public API, augment=light: flip rate ~0.5, area in [0.08, 1], aspect in [3/4, 4/3]."""
     pre = P.Preprocess(crop=40, resize=48, **IMAGENET)
     loader = P.build_loader(coord_samples, train=True, preprocess=pre, augment="light",
-                            seed_recipe="resnet18", batch_size=6, workers=0, device=CPU, seed=1,
+                            seed_policy="resnet18", batch_size=6, workers=0, device=CPU, seed=1,
                             cache_dir=cache, progress=False, on_device=PATHS[path])
     sizes = dict(enumerate(loader.sizes))   # label = sample index
     fits = []
@@ -165,7 +165,7 @@ def test_grayscale_rate_and_normalisation(real_split, path, cache):
     samples = colour_samples(real_split)
     pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
     loader = P.build_loader(samples, train=True, preprocess=pre, augment="seed",
-                            seed_recipe="resnet18", batch_size=64, workers=0, device=CPU, seed=0,
+                            seed_policy="resnet18", batch_size=64, workers=0, device=CPU, seed=0,
                             cache_dir=cache, progress=False, on_device=PATHS[path])
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
     gray, n = 0, 0
@@ -182,13 +182,13 @@ def test_grayscale_rate_and_normalisation(real_split, path, cache):
 
 
 def test_on_device_agrees_with_pil_path(real_split, tmp_path):
-    """One seed, the loader's two paths: the same images up to interpolation (B4 recipe incl.
+    """One seed, the loader's two paths: the same images up to interpolation (B4 policy incl.
     blur, perspective and hue)."""
     samples = colour_samples(real_split)[:32]
     pre = P.Preprocess(crop=32, resize=36, **IMAGENET)
     for name in ("resnet18", "efficientnet_b4"):
         a, b = (torch.cat([x for x, _ in P.build_loader(
-            samples, train=True, preprocess=pre, augment="seed", seed_recipe=name, batch_size=32, workers=0,
+            samples, train=True, preprocess=pre, augment="seed", seed_policy=name, batch_size=32, workers=0,
             device=CPU, seed=5, cache_dir=str(tmp_path), progress=False, on_device=on_device)])
             for on_device in (False, True))
         per_image = (a - b).abs().mean((1, 2, 3))
@@ -197,12 +197,12 @@ def test_on_device_agrees_with_pil_path(real_split, tmp_path):
         assert per_image.max() < 0.21 and per_image.mean() < 0.10, (name, per_image.max(), per_image.mean())
 
 
-def test_seed_recipes_are_the_original_transforms():
-    """augment.SEED_RECIPES names the same ranges and probabilities as the original scripts'
+def test_seed_policys_are_the_original_transforms():
+    """augment.SEED_POLICIES names the same ranges and probabilities as the original scripts'
     torchvision transforms that the benches run (bench/original.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import original
-    for name, r in A.SEED_RECIPES.items():
+    for name, r in A.SEED_POLICIES.items():
         steps = {type(t).__name__: t for t in original.train_transform(name).transforms}
         crop = steps["RandomResizedCrop"]
         assert (tuple(crop.scale), tuple(crop.ratio)) == (r["scale"], r["ratio"]), name
@@ -267,9 +267,9 @@ def test_pil_path_colour_matches_torchvision_jitter(real_split):
     srcs = [np.ascontiguousarray(np.asarray(Image.open(p).convert("RGB"))[:40, :40]) for p in paths]
     n, crop = len(srcs), 40
     sizes = np.full((n, 2), crop)
-    recipe = A._recipe(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.3, contrast=0.3,
+    policy = A._policy(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.3, contrast=0.3,
                        saturation=0.3, grayscale=0.3)
-    p = A.draw_params(recipe, sizes, crop, np.random.default_rng(11))
+    p = A.draw_params(policy, sizes, crop, np.random.default_rng(11))
     assert p["gray"].any() and not p["gray"].all()
     assert (p["box"] == [0, 0, crop, crop]).all() and not p["flip"].any()
     plan = A.plan_arrays(p, sizes, crop, crop)
@@ -278,7 +278,7 @@ def test_pil_path_colour_matches_torchvision_jitter(real_split):
         got = A.render_pil(srcs[k], plan, k, crop).astype(int)
         ref = Image.fromarray(srcs[k])
         for op in p["order"][k]:
-            if op < 3:   # hue (3) is 0 in this recipe
+            if op < 3:   # hue (3) is 0 in this policy
                 ref = ops[op](ref, float(p[("brightness", "contrast", "saturation")[op]][k]))
         if p["gray"][k]:
             ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
@@ -318,7 +318,7 @@ def test_eval_matches_torchvision(real_split, path, interpolation, cache):
     ref_tf = T.Compose([T.Resize(64, interpolation=mode), T.CenterCrop(56), T.ToTensor(),
                         T.Normalize(**IMAGENET)])
     loader = P.build_loader(samples, train=False, preprocess=pre, augment="seed",
-                            seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
+                            seed_policy="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
                             cache_dir=cache, progress=False, on_device=PATHS[path])
     got = torch.cat([x for x, _ in loader])
     ys = torch.cat([y for _, y in loader])
@@ -336,7 +336,7 @@ def test_squash_eval_is_the_whole_image_resized(real_split, path, tmp_path):
     got = {}
     for mode in ("center", "squash"):
         pre = P.Preprocess(crop=56, resize=64, crop_mode=mode, **IMAGENET)
-        loader = P.build_loader(samples, train=False, preprocess=pre, augment="none", seed_recipe="resnet18",
+        loader = P.build_loader(samples, train=False, preprocess=pre, augment="none", seed_policy="resnet18",
                                 batch_size=50, workers=0, device=CPU, seed=0, cache_dir=str(tmp_path),
                                 progress=False, on_device=PATHS[path])
         got[mode] = torch.cat([x for x, _ in loader])
@@ -346,7 +346,7 @@ def test_squash_eval_is_the_whole_image_resized(real_split, path, tmp_path):
     assert (got["center"] - ref).abs().amax(dim=(1, 2, 3)).min() > 0.5   # every image framed differently
     train = P.build_loader(samples, train=True, preprocess=P.Preprocess(crop=56, resize=64, crop_mode="squash",
                                                                         **IMAGENET),
-                           augment="none", seed_recipe="resnet18", batch_size=10, workers=0, device=CPU, seed=0,
+                           augment="none", seed_policy="resnet18", batch_size=10, workers=0, device=CPU, seed=0,
                            cache_dir=str(tmp_path), progress=False, on_device=PATHS[path])
     for x, y in train:   # --augment none trains on the same framing
         assert (x - ref[y]).abs().max() <= 1e-4
@@ -354,7 +354,7 @@ def test_squash_eval_is_the_whole_image_resized(real_split, path, tmp_path):
     with pytest.raises(ValueError, match="unknown crop_mode 'border'; choose from center, squash"):
         P.build_loader(samples, train=False, preprocess=P.Preprocess(crop=56, resize=64, crop_mode="border",
                                                                      **IMAGENET),
-                       augment="none", seed_recipe="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
+                       augment="none", seed_policy="resnet18", batch_size=50, workers=0, device=CPU, seed=0,
                        cache_dir=str(tmp_path), progress=False)
 
 
@@ -364,7 +364,7 @@ def test_augment_none_is_eval_preprocessing_shuffled(real_split, cache):
     pre = P.Preprocess(crop=56, resize=64, **IMAGENET)
     ref_tf = T.Compose([T.Resize(64), T.CenterCrop(56), T.ToTensor(), T.Normalize(**IMAGENET)])
     loader = P.build_loader(samples, train=True, preprocess=pre, augment="none",
-                            seed_recipe="resnet18", batch_size=16, workers=0, device=CPU, seed=0,
+                            seed_policy="resnet18", batch_size=16, workers=0, device=CPU, seed=0,
                             cache_dir=cache, progress=False)
     ys = []
     for x, y in loader:
@@ -382,7 +382,7 @@ def test_augment_flip_mirrors_the_eval_framing(real_split, path, tmp_path):
     files = sorted((real_split / "test").glob("*/*.jpg"))[:48]
     samples = [(str(f), i) for i, f in enumerate(files)]
     pre = P.Preprocess(crop=48, resize=56, crop_mode="squash", **IMAGENET)
-    kw = dict(preprocess=pre, seed_recipe="efficientnet_lite0", batch_size=16, workers=0, device=CPU,
+    kw = dict(preprocess=pre, seed_policy="efficientnet_lite0", batch_size=16, workers=0, device=CPU,
               seed=3, cache_dir=str(tmp_path), progress=False, on_device=PATHS[path])
     ref = torch.cat([x for x, _ in P.build_loader(samples, train=False, augment="flip", **kw)])
     assert torch.equal(ref, torch.cat([x for x, _ in P.build_loader(samples, train=False, augment="none", **kw)]))
@@ -415,7 +415,7 @@ def test_grayscale_and_palette_files_become_rgb(tmp_path):
         "P", palette=Image.ADAPTIVE).save(pal)
     pre = P.Preprocess(crop=16, resize=20, mean=(0, 0, 0), std=(1, 1, 1))
     loader = P.build_loader([(str(gray), 0), (str(pal), 1)], train=False, preprocess=pre,
-                            augment="seed", seed_recipe="resnet18", batch_size=2, workers=0,
+                            augment="seed", seed_policy="resnet18", batch_size=2, workers=0,
                             device=CPU, seed=0, cache_dir=str(tmp_path), progress=False)
     x, _ = next(iter(loader))
     assert torch.allclose(x[0], torch.full((3, 16, 16), 100 / 255))
@@ -437,7 +437,7 @@ def test_same_seed_and_epoch_give_identical_batches(real_split, path, cache):
 
     def make(workers):
         return P.build_loader(samples, train=True, preprocess=pre, augment="seed",
-                              seed_recipe="efficientnet_b4", batch_size=8, workers=workers,
+                              seed_policy="efficientnet_b4", batch_size=8, workers=workers,
                               device=CPU, seed=7, cache_dir=cache, progress=False,
                               on_device=PATHS[path])
     a, b = make(0), make(2 if path == "cpu" else 0)   # worker processes change nothing
@@ -454,7 +454,7 @@ def test_train_shards_are_disjoint_equal_and_share_one_permutation(coord_samples
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
     world = 3
     loaders = [P.build_loader(samples, train=True, preprocess=pre, augment="light",
-                              seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=2,
+                              seed_policy="resnet18", batch_size=4, workers=0, device=CPU, seed=2,
                               cache_dir=cache, rank=r, world_size=world, progress=False)
                for r in range(world)]
     shards = {}
@@ -475,7 +475,7 @@ def test_last_batch_of_one_is_dropped_in_training(coord_samples, cache):
     samples = [(p, i) for i, (p, _) in enumerate(coord_samples + coord_samples[:3])]   # 9
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
     loader = P.build_loader(samples, train=True, preprocess=pre, augment="light",
-                            seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
+                            seed_policy="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
                             cache_dir=cache, progress=False)
     sizes = [len(y) for _, y in loader]
     assert sizes == [4, 4] and loader.num_samples == 8 and len(loader) == 2
@@ -487,7 +487,7 @@ def test_eval_shards_cover_every_sample_once(coord_samples, cache):
     seen = []
     for r in range(3):
         loader = P.build_loader(samples, train=False, preprocess=pre, augment="seed",
-                                seed_recipe="resnet18", batch_size=2, workers=0, device=CPU,
+                                seed_policy="resnet18", batch_size=2, workers=0, device=CPU,
                                 seed=0, cache_dir=cache, rank=r, world_size=3, progress=False)
         ys = [int(v) for _, y in loader for v in y]
         assert len(ys) == loader.num_samples
@@ -498,11 +498,11 @@ def test_eval_shards_cover_every_sample_once(coord_samples, cache):
 # --------------------------------------------------------------------------------------------
 # resident cache: the same batches as streaming
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("train,augment,seed_recipe", [(True, "light", "resnet18"),
+@pytest.mark.parametrize("train,augment,seed_policy", [(True, "light", "resnet18"),
                                                   (True, "seed", "efficientnet_b4"),
                                                   (True, "flip", "resnet18"),
                                                   (False, "none", "resnet18")])
-def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, augment, seed_recipe):
+def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, augment, seed_policy):
     """make_resident() (the whole uint8 cache one tensor on the device, here the CPU) serves
     bit-identical fp32 batches to the streamed on-device path, epoch after epoch, and so does the
     same loader after release() and after make_resident() again, both idempotent. A bad first
@@ -511,7 +511,7 @@ def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, 
     bad.write_bytes(b"not a jpeg")
     samples = [(str(bad), 0)] + colour_samples(real_split)[:20]
     pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
-    kw = dict(train=train, preprocess=pre, augment=augment, seed_recipe=seed_recipe, batch_size=8, workers=0,
+    kw = dict(train=train, preprocess=pre, augment=augment, seed_policy=seed_policy, batch_size=8, workers=0,
               device=CPU, seed=5, cache_dir=str(tmp_path / "cache"), progress=False, skip_bad=True,
               on_device=True)
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
@@ -545,7 +545,7 @@ def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, 
 
 def test_resident_needs_the_on_device_path(coord_samples, cache):
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
-    kw = dict(train=True, preprocess=pre, augment="light", seed_recipe="resnet18", batch_size=4, workers=0,
+    kw = dict(train=True, preprocess=pre, augment="light", seed_policy="resnet18", batch_size=4, workers=0,
               device=CPU, seed=0, cache_dir=cache, progress=False)
     for on_device in (False, None):                # None: the on-device path on CUDA only
         streamed = P.build_loader(coord_samples, on_device=on_device, **kw)
@@ -572,7 +572,7 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, capsys):
 
     def make():
         return P.build_loader(samples, train=False, preprocess=pre, augment="seed",
-                              seed_recipe="resnet18", batch_size=3, workers=0, device=CPU, seed=0,
+                              seed_policy="resnet18", batch_size=3, workers=0, device=CPU, seed=0,
                               cache_dir=str(cache), progress=True)
     make()
     assert "cache built in" in capsys.readouterr().out
@@ -602,7 +602,7 @@ def test_truncated_jpeg_raises_or_is_skipped(real_split, tmp_path, train):
     bad.write_bytes(data[: len(data) // 2])
     samples = [(str(f), i) for i, f in enumerate(files)] + [(str(bad), 6)]
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
-    kwargs = dict(train=train, preprocess=pre, augment="seed", seed_recipe="resnet18", batch_size=4,
+    kwargs = dict(train=train, preprocess=pre, augment="seed", seed_policy="resnet18", batch_size=4,
                   workers=0, device=CPU, seed=0, cache_dir=str(tmp_path / "cache"),
                   progress=False)
     with pytest.raises(P.BadImagesError) as err:
@@ -619,11 +619,11 @@ def test_unknown_choices_list_the_allowed_values(coord_samples, cache):
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
     with pytest.raises(ValueError, match="seed, light, flip, none"):
         P.build_loader(coord_samples, train=True, preprocess=pre, augment="heavy",
-                       seed_recipe="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
+                       seed_policy="resnet18", batch_size=4, workers=0, device=CPU, seed=0,
                        cache_dir=cache, progress=False)
     with pytest.raises(ValueError, match="resnet18, resnet50"):
         P.build_loader(coord_samples, train=True, preprocess=pre, augment="seed",
-                       seed_recipe="vgg", batch_size=4, workers=0, device=CPU, seed=0,
+                       seed_policy="vgg", batch_size=4, workers=0, device=CPU, seed=0,
                        cache_dir=cache, progress=False)
 
 
@@ -650,7 +650,7 @@ def test_batches_make_no_device_constant_and_copy_nothing_blocking(real_split, p
     sync_check = host_copies()
     samples = colour_samples(real_split)[:20]
     pre = P.Preprocess(crop=24, resize=28, **IMAGENET)
-    loader = P.build_loader(samples, train=train, preprocess=pre, augment=augment, seed_recipe="resnet18", batch_size=4,
+    loader = P.build_loader(samples, train=train, preprocess=pre, augment=augment, seed_policy="resnet18", batch_size=4,
                             workers=0, device=CPU, seed=3, cache_dir=cache, progress=False,
                             on_device=PATHS[path])
     if resident:
@@ -678,7 +678,7 @@ def test_cached_outputs_are_indexed_without_a_blocking_copy(real_split, cache):
     sync_check = host_copies()
     samples = colour_samples(real_split)[:12]
     pre = P.Preprocess(crop=16, resize=20, **IMAGENET)
-    loader = P.build_loader(samples, train=True, preprocess=pre, augment="none", seed_recipe="resnet18", batch_size=4,
+    loader = P.build_loader(samples, train=True, preprocess=pre, augment="none", seed_policy="resnet18", batch_size=4,
                             workers=0, device=CPU, seed=0, cache_dir=cache, progress=False)
     outputs = torch.arange(len(samples) * 2, dtype=torch.float32).view(-1, 2)
     cached = features.CachedBatches(loader, outputs)

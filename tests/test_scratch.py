@@ -88,7 +88,7 @@ def test_original_recipe_builds_todays_optimizer_schedule_and_augmentation(tmp_p
         opt.step(), sched.step(), ref.step(), ref_sched.step()
         lrs.append(opt.param_groups[0]["lr"]), ref_lrs.append(ref.param_groups[0]["lr"])
     assert lrs == ref_lrs
-    assert A.train_recipe(run.config["augment"], "resnet18") == A.SEED_RECIPES["resnet18"]
+    assert A.train_policy(run.config["augment"], "resnet18") == A.SEED_POLICIES["resnet18"]
     assert batch_step is None and ema is None
     assert all(m.weight.abs().sum() > 0 for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
