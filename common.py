@@ -57,17 +57,17 @@ def train_and_test(run, step, stop_after, resident):
         steps.linear_probe(run, loaders, sources, frozen, budget, step)
     step.name = "setup"
     training = make_training(run, loaders, frozen, options["preprocess"])
-    progress = steps.restore(run, training)
+    so_far = steps.restore(run, training)
     writer = steps.open_records(run)
     last_epoch = config["epochs"] if stop_after is None else min(stop_after, config["epochs"])
-    progress = train_epochs(run, training, progress, writer, last_epoch, step)
+    so_far = train_epochs(run, training, so_far, writer, last_epoch, step)
     if last_epoch < config["epochs"]:
         if writer is not None:
             writer.close()
-        return {"stopped_at": last_epoch, "best_val_top1": progress.best["top1"],
-                "best_epoch": progress.best["epoch"], "train_seconds": round(progress.train_seconds, 2),
+        return {"stopped_at": last_epoch, "best_val_top1": so_far.best["top1"],
+                "best_epoch": so_far.best["epoch"], "train_seconds": round(so_far.train_seconds, 2),
                 "processes": run.world}
-    return test_pass(run, training, loaders, progress, writer, step)
+    return test_pass(run, training, loaders, so_far, writer, step)
 
 
 def make_training(run, loaders, frozen, preprocess):
@@ -81,8 +81,8 @@ def make_training(run, loaders, frozen, preprocess):
                           steps.batch_step(run.config, len(run.classes), preprocess))
 
 
-def train_epochs(run, training, progress, writer, last_epoch, step):
-    """The epoch loop: train, validate, keep best.pth (on validation) and last.pth. -> progress."""
+def train_epochs(run, training, so_far, writer, last_epoch, step):
+    """The epoch loop: train, validate, keep best.pth (on validation) and last.pth. -> so_far."""
     c, t = run.config, training
     criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])  # validation's: every image alike
     weight = loop.class_weights(run.splits["train"], len(run.classes)).to(run.device) \
@@ -90,7 +90,7 @@ def train_epochs(run, training, progress, writer, last_epoch, step):
     train_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=c["label_smoothing"])
     if run.ckpt:  # dropout draws continue as if never interrupted, each rank's its own
         hardware.set_rng_state(run.ckpt, run.device, run.rank)
-    for epoch in range(progress.start_epoch, last_epoch + 1):
+    for epoch in range(so_far.start_epoch, last_epoch + 1):
         t.batches["train"].set_epoch(epoch)
         step.name = "training"
         try:
@@ -99,25 +99,25 @@ def train_epochs(run, training, progress, writer, last_epoch, step):
                                       bn_stats=c["bn_stats"], batch_step=t.batch_step)
         except loop.NonFiniteLoss as e:  # every process raised it at the same step: agreed, not fatal
             raise processes.RanksFailed(f"error: {e}") from None
-        progress.train_seconds += tm["seconds"]
-        progress.images_trained += tm["images"]
+        so_far.train_seconds += tm["seconds"]
+        so_far.images_trained += tm["images"]
         step.name = "evaluation"
         vm = loop.evaluate(t.ema.module if t.ema else t.net, t.batches["val"], criterion, run.device, t.dtype,
                            len(run.classes), tta=c.get("tta") or "none") if t.batches["val"] is not None else None
-        improved = vm is None or loop.improves(vm, progress.best)
+        improved = vm is None or loop.improves(vm, so_far.best)
         if improved:
-            progress.best = loop.best_record(vm, epoch)
+            so_far.best = loop.best_record(vm, epoch)
         rng = hardware.rng_state(run.device, run.world)  # every rank's generators: a collective
         if writer is not None:
             records.log_epoch(writer, epoch, tm, vm, [g["lr"] for g in t.optimizer.param_groups], c["epochs"])
-            state = steps.checkpoint_state(run, t, progress, epoch, rng)
+            state = steps.checkpoint_state(run, t, so_far, epoch, rng)
             if improved:  # best before last: wherever a kill lands, a last.pth has its best.pth
                 records.save_checkpoint(run.run_dir / "best.pth", state)
             records.save_checkpoint(run.run_dir / "last.pth", state)
-    return progress
+    return so_far
 
 
-def test_pass(run, training, loaders, progress, writer, step):
+def test_pass(run, training, loaders, so_far, writer, step):
     """The test set is seen once, with the best-on-validation weights: it decides nothing."""
     c = run.config
     step.name = "test"
@@ -127,7 +127,7 @@ def test_pass(run, training, loaders, progress, writer, step):
     criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])
     test_m = loop.evaluate(training.net, training.batches["test"], criterion, run.device, training.dtype,
                            len(run.classes), mistakes=records.MISTAKES_SHOWN, tta=c.get("tta") or "none")
-    metrics = final_metrics(test_m, progress, c, run.world)
+    metrics = final_metrics(test_m, so_far, c, run.world)
     if writer is not None:
         images = [evaluated_image(loaders["test"], i) for i, *_ in test_m["mistakes"]]
         records.finish_run(writer, run.run_dir, c, run.classes, test_m, metrics, images)
@@ -141,12 +141,12 @@ def evaluated_image(loader, i):
     return np.asarray(loader.images[loader.rows[i]])
 
 
-def final_metrics(test_m, progress, config, world):
-    best, secs = progress.best, progress.train_seconds
+def final_metrics(test_m, so_far, config, world):
+    best, secs = so_far.best, so_far.train_seconds
     return {"test_top1": test_m["top1"], "test_top5": test_m["top5"], "test_mean_class_acc": test_m["mean_class_acc"],
             "test_loss": test_m["loss"], "test_images": test_m["images"], "best_val_top1": best["top1"],
             "best_epoch": best["epoch"], "epochs": config["epochs"], "train_seconds": round(secs, 2),
-            "train_images_per_s": round(progress.images_trained / max(secs, 1e-9), 1), "processes": world}
+            "train_images_per_s": round(so_far.images_trained / max(secs, 1e-9), 1), "processes": world}
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,21 +145,21 @@ class Loader:
     rows: the cache row of each of `samples` (bad files keep their rows)."""
 
     def __init__(self, *, images, rows, sizes, samples, train, policy, pre, batch_size,
-                 workers, device, seed, rank, world_size, on_device, cache_path, long_side, flip_p):
+                 workers, device, seed, rank, world, on_device, cache_path, long_side, flip_p):
         self.images, self.rows, self.sizes, self.samples = images, rows, sizes, samples
         self.labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
         self.train, self.policy, self.pre = train, policy, pre
         self.batch_size, self.device, self.seed = batch_size, device, seed
-        self.rank, self.world_size, self.on_device = rank, world_size, on_device
+        self.rank, self.world, self.on_device = rank, world, on_device
         self.long_side = long_side
         self.flip_p = flip_p    # augment=flip: mirror this share of the eval-framed images
         self._flip = None
         n = len(samples)
         if train:   # DistributedSampler(drop_last=True): equal disjoint shares, no padding
-            share = n // world_size
+            share = n // world
             self.num_samples = share - (1 if share % batch_size == 1 else 0)
         else:       # every sample exactly once: near-equal contiguous parts
-            self.num_samples = len(np.array_split(np.arange(n), world_size)[rank])
+            self.num_samples = len(np.array_split(np.arange(n), world)[rank])
         self._items = []           # the DataLoader's sampler: this epoch's batch items, set in place
         self._device_copy = None   # the whole uint8 cache as one tensor on the device, or None
         # normalisation constants on the device, made once, not per batch (see normalise_constants)
@@ -180,9 +180,9 @@ class Loader:
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.samples)
         if not self.train:
-            return np.array_split(np.arange(n), self.world_size)[self.rank]
+            return np.array_split(np.arange(n), self.world)[self.rank]
         perm = np.random.default_rng([self.seed, epoch]).permutation(n)   # same on every rank
-        return perm[self.rank:(n // self.world_size) * self.world_size:self.world_size][
+        return perm[self.rank:(n // self.world) * self.world:self.world][
             :self.num_samples]
 
     def set_epoch(self, epoch: int) -> None:
@@ -277,10 +277,10 @@ class Loader:
                 yield self._normalised(self._flipped(u8.to(dev, non_blocking=True), b)), y
 
 
-def _check_arguments(preprocess: Preprocess, batch_size: int, workers: int, rank: int, world_size: int) -> None:
-    if batch_size < 1 or workers < 0 or not 0 <= rank < world_size:
+def _check_arguments(preprocess: Preprocess, batch_size: int, workers: int, rank: int, world: int) -> None:
+    if batch_size < 1 or workers < 0 or not 0 <= rank < world:
         raise ValueError(f"bad loader sizes: batch_size={batch_size}, workers={workers}, "
-                         f"rank={rank}, world_size={world_size}")
+                         f"rank={rank}, world={world}")
     if preprocess.interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {preprocess.interpolation!r}; choose from "
                          f"{', '.join(INTERPOLATIONS)}")
@@ -304,11 +304,11 @@ def _readable(paths: list[str], bad: list[int], skip_bad: bool) -> np.ndarray:
 def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Preprocess,
                  augment: str, seed_policy: str, batch_size: int, workers: int,
                  device: torch.device, seed: int, cache_dir: str, rank: int = 0,
-                 world_size: int = 1, skip_bad: bool = False, progress: bool = True,
+                 world: int = 1, skip_bad: bool = False, progress: bool = True,
                  on_device: bool | None = None) -> Loader:
     """A Loader over (path, label) samples, each image decoded once into a file in cache_dir (or reused).
 
-    train=True: a fresh permutation per epoch (same on every rank, rank r takes every world_size-th
+    train=True: a fresh permutation per epoch (same on every rank, rank r takes every world-th
     sample), augmentation `augment` for `seed_policy` (augment.train_policy), a last batch of 1 dropped.
     train=False: evaluation preprocessing, every sample exactly once across the ranks.
     on_device: None = batched tensor augmentation on CUDA, PIL on the CPU; True/False force a path."""
@@ -316,7 +316,7 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
     on_device = device.type == "cuda" if on_device is None else on_device
     if not samples:
         raise ValueError("no samples to load")
-    _check_arguments(preprocess, batch_size, workers, rank, world_size)
+    _check_arguments(preprocess, batch_size, workers, rank, world)
     aug = train_policy(augment, seed_policy) if train else None
     if train and batch_size < 2:
         raise ValueError("batch_size must be at least 2 for training (BatchNorm)")
@@ -326,9 +326,9 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
     good = _readable(paths, meta["bad"], skip_bad)
     kept = [samples[i] for i in good]
     sizes = np.array([meta["sizes"][i] for i in good], dtype=np.int64).reshape(-1, 2)
-    if train and len(kept) // world_size < 2:
-        raise ValueError(f"too few training samples ({len(kept)}) for {world_size} rank(s)")
+    if train and len(kept) // world < 2:
+        raise ValueError(f"too few training samples ({len(kept)}) for {world} rank(s)")
     return Loader(images=images, rows=good, sizes=sizes, samples=kept, train=train, policy=aug,
                   pre=preprocess, batch_size=batch_size, workers=workers, device=device, seed=seed,
-                  rank=rank, world_size=world_size, on_device=on_device, cache_path=cache_path,
+                  rank=rank, world=world, on_device=on_device, cache_path=cache_path,
                   long_side=geo.get("long", 0), flip_p=FLIP_P if train and augment == "flip" else 0.0)

@@ -19,7 +19,7 @@ def loader_options(config, device, rank=0, world=1, on_device=None):
     return dict(preprocess=make_preprocess(config["arch"], config["img_size"], config["crop_mode"]),
                 seed_policy=ARCHS[config["arch"]].seed_policy, workers=config["workers"], device=device,
                 seed=config["seed"], cache_dir=config["cache_dir"] or str(Path(config["data"]) / ".cache"),
-                rank=rank, world_size=world, skip_bad=config["skip_bad"], progress=rank == 0,
+                rank=rank, world=world, skip_bad=config["skip_bad"], progress=rank == 0,
                 on_device=on_device)
 
 
@@ -90,7 +90,7 @@ class Training:
 
 
 @dataclass
-class Progress:
+class SoFar:
     """What a checkpoint carries of the run so far."""
     start_epoch: int = 1
     best: dict = None
@@ -362,12 +362,12 @@ def batch_step(config, num_classes, preprocess):
 
 def restore(run, training):
     """A fresh run: the zero-init of residual blocks when asked, nothing to restore. A resumed run: the
-    averaged and trained weights, optimizer, schedule and scaler from its checkpoint. -> Progress so far."""
+    averaged and trained weights, optimizer, schedule and scaler from its checkpoint. -> the run SoFar."""
     ck, c = run.ckpt, run.config
     if not ck:
         if c.get("zero_init_residual") == "on" and c["weights"] == "none":
             nets.zero_init_residual(run.model)
-        return Progress(best={"top1": -1.0, "epoch": 0})
+        return SoFar(best={"top1": -1.0, "epoch": 0})
     if training.ema is not None and ck.get("online_model") is not None:  # "model" holds the averaged weights
         training.ema.module.load_state_dict(ck["model"])
         training.ema.steps = ck["ema_steps"]
@@ -376,10 +376,10 @@ def restore(run, training):
     training.scheduler.load_state_dict(ck["scheduler"])
     if training.scaler is not None and ck.get("scaler"):
         training.scaler.load_state_dict(ck["scaler"])
-    return Progress(ck["epoch"] + 1, ck["best"], ck["train_seconds"], ck["images_trained"])
+    return SoFar(ck["epoch"] + 1, ck["best"], ck["train_seconds"], ck["images_trained"])
 
 
-def checkpoint_state(run, training, progress, epoch, rng):
+def checkpoint_state(run, training, so_far, epoch, rng):
     """"model": the weights evaluated (the averaged ones under --ema, "online_model" then holds the
     trained ones, which a resumed run continues); rng: hardware.rng_state, taken on every rank."""
     c, ema = run.config, training.ema
@@ -390,8 +390,8 @@ def checkpoint_state(run, training, progress, epoch, rng):
             "scheduler": training.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "epoch": epoch, "config": c, "classes": run.classes,
             "arch": c["arch"], "preprocess": preprocess_dict(make_preprocess(c["arch"], c["img_size"], c["crop_mode"])),
-            "best": progress.best, "train_seconds": progress.train_seconds,
-            "images_trained": progress.images_trained, **rng}
+            "best": so_far.best, "train_seconds": so_far.train_seconds,
+            "images_trained": so_far.images_trained, **rng}
 
 
 def open_records(run):

@@ -455,7 +455,7 @@ def test_train_shards_are_disjoint_equal_and_share_one_permutation(coord_samples
     world = 3
     loaders = [P.build_loader(samples, train=True, preprocess=pre, augment="light",
                               seed_policy="resnet18", batch_size=4, workers=0, device=CPU, seed=2,
-                              cache_dir=cache, rank=r, world_size=world, progress=False)
+                              cache_dir=cache, rank=r, world=world, progress=False)
                for r in range(world)]
     shards = {}
     for epoch in (0, 1):
@@ -488,7 +488,7 @@ def test_eval_shards_cover_every_sample_once(coord_samples, cache):
     for r in range(3):
         loader = P.build_loader(samples, train=False, preprocess=pre, augment="seed",
                                 seed_policy="resnet18", batch_size=2, workers=0, device=CPU,
-                                seed=0, cache_dir=cache, rank=r, world_size=3, progress=False)
+                                seed=0, cache_dir=cache, rank=r, world=3, progress=False)
         ys = [int(v) for _, y in loader for v in y]
         assert len(ys) == loader.num_samples
         seen += ys
