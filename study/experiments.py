@@ -51,7 +51,7 @@ from .records import atomic_write, load_json, write_hparams, write_json
 # Options a grid may vary (option names with underscores).
 GRID_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "unfreeze", "img_size", "crop_mode", "backbone_lr_ratio",
              "bn_stats", "probe_epochs", "label_smoothing", "augment", "weights", "val_fraction", "seed",
-             "class_balance")
+             "class_balance", "lr_schedule")
 INT_KEYS = ("batch_size", "epochs", "img_size", "probe_epochs", "seed")
 FLOAT_KEYS = ("lr", "weight_decay", "backbone_lr_ratio", "label_smoothing", "val_fraction")
 # The original table's columns (model .. Top@1), then ours. Top@1 is test top-1.

@@ -148,15 +148,23 @@ def metrics_from_confusion(confusion, loss_sum=0.0, top5=None):
             "images": int(n), "confusion": confusion}
 
 
-def lr_schedule(optimizer, steps_per_epoch, epochs, warmup_epochs=1.0):
-    """Linear warm-up (1 epoch, at most a tenth of the run), then cosine to 0; stepped every batch."""
+LR_SCHEDULES = ("cosine", "linear")  # --lr-schedule
+
+
+def lr_schedule(optimizer, steps_per_epoch, epochs, warmup_epochs=1.0, shape="cosine"):
+    """Linear warm-up (1 epoch, at most a tenth of the run), then to 0 at the run's last scheduler
+    step; stepped every batch. shape: cosine (half a cosine) or linear (a straight line, torch's
+    LinearLR from 1 to 0: the budgeted-training schedule of Li, Yumer & Ramanan, ICLR 2020)."""
+    if shape not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {shape!r}; choose from {', '.join(LR_SCHEDULES)}")
     total = max(1, steps_per_epoch * epochs)
     warm = max(1, min(int(warmup_epochs * steps_per_epoch), total // 10))
 
     def factor(step):
         if step < warm:
             return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        done = min(1.0, (step - warm) / max(1, total - warm))
+        return 1.0 - done if shape == "linear" else 0.5 * (1 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

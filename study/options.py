@@ -5,7 +5,7 @@ the same run may differ.
 import argparse
 from pathlib import Path
 
-from . import augment, pipeline, processes
+from . import augment, loop, pipeline, processes
 from .errors import fail
 from .nets import ARCHS, TTAS, parse_unfreeze, weights_preprocess
 
@@ -34,9 +34,9 @@ EXEMPT = ("resume", "workers", "device", "cache_dir", "gpu_cache", "cache_frozen
 RESOLVED = ("precision", "identity", "data", "weights")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
 # Runs older than --scratch-recipe trained without its options (optimizer None: AdamW, as pretrained runs now).
-LEGACY = {"crop_mode": "center", "class_balance": "none", "split_seed": None, "scratch_recipe": "tuned",
-          "optimizer": None, "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0,
-          "auto_augment": "none", "tta": "none"}
+LEGACY = {"crop_mode": "center", "class_balance": "none", "lr_schedule": "cosine", "split_seed": None,
+          "scratch_recipe": "tuned", "optimizer": None, "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0,
+          "erasing": 0.0, "ema": 0.0, "auto_augment": "none", "tta": "none"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -90,6 +90,9 @@ def get_args_parser(defaults):
       help="learning rate of the new head; the pretrained backbone gets lr * --backbone-lr-ratio")
     a("--backbone-lr-ratio", type=float, default=d.get("backbone_lr_ratio", 0.1),
       help="backbone lr / head lr for pretrained weights (1 with --weights none)")
+    a("--lr-schedule", default=d.get("lr_schedule", "cosine"), choices=loop.LR_SCHEDULES,
+      help="after one epoch of linear warm-up, the rate falls to 0 at the run's end along half a cosine, or "
+           "along a straight line (linear: budgeted training, Li et al. 2020)")
     a("--weight-decay", type=float, default=d["weight_decay"],
       help="AdamW weight decay (not applied to biases and norm weights)")
     a("--img-size", type=int, default=d.get("img_size"),
@@ -279,6 +282,8 @@ def default_run_name(c):
     name = f"{w}-{u}-b{c['batch_size']}-lr{c['lr']:g}-wd{c['weight_decay']:g}-e{c['epochs']}-{c['img_size']}px"
     if c.get("crop_mode", "center") != "center":
         name += f"-{c['crop_mode']}"
+    if c.get("lr_schedule", "cosine") != "cosine":
+        name += f"-{c['lr_schedule']}"
     if c.get("class_balance", "none") != "none":
         name += "-balanced"
     if c.get("seed", 0):

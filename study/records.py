@@ -50,8 +50,9 @@ def atomic_write(path, write):
         # torch.save's zip writer reports a full disk as RuntimeError("... unexpected pos ...")
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (isinstance(e, RuntimeError) and free < 2**20):
             kept = "its previous version is kept" if path.exists() else "nothing was written"
-            raise DiskFull(f"error: {path}: the disk is full ({free / 2**20:.1f} MiB free on the disk of "
-                           f"{path.parent}); {kept}: free some space, or write elsewhere (--out, --cache-dir)") from None
+            line = (f"error: {path}: the disk is full ({free / 2**20:.1f} MiB free on the disk of {path.parent}); "
+                    f"{kept}: free some space, or write elsewhere (--out, --cache-dir)")
+            raise DiskFull(line) from None
         raise
     finally:
         tmp.unlink(missing_ok=True)

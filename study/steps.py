@@ -338,7 +338,7 @@ def make_optimizer(config, model, steps_per_epoch, device, dtype, head_alone):
         optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
     else:
         optimizer = torch.optim.AdamW(groups)
-    scheduler = loop.lr_schedule(optimizer, steps_per_epoch, c["epochs"])
+    scheduler = loop.lr_schedule(optimizer, steps_per_epoch, c["epochs"], shape=c.get("lr_schedule") or "cosine")
     scaler = hardware.grad_scaler(device, dtype) if not head_alone else None
     return optimizer, scheduler, scaler
 

@@ -16,7 +16,8 @@ def describe_setting(s, rows=()):
     _, (how, seed), size, limit, val, split, device = s
     carve = (f"carved by split seed {seed}" if how == "split_seed"
              else f"carved by --seed {seed} (a run from before --split-seed)")
-    render = {"cpu": "; trained on CPUs (augmentation by PIL)", "cuda": "; trained on GPUs (augmentation by tensor ops)"}
+    render = {"cpu": "; trained on CPUs (augmentation by PIL)",
+              "cuda": "; trained on GPUs (augmentation by tensor ops)"}
     return (f"data `{typed_data(rows, s)}`" + (f" (split {split})" if split else "")
             + "; " + ("every image" if limit is None else f"at most {limit} images per class of each split")
             + "; " + ("each network at its own image size" if size is None else f"{size} px")
