@@ -152,6 +152,24 @@ def test_class_balance_trains_on_the_weighted_loss_and_validates_on_the_plain_on
     assert json.loads((runs[1] / "config.json").read_text())["class_balance"] == "loss"
 
 
+def test_eval_framing_reproduces_the_best_epoch_then_tries_other_framings(tiny_split, tmp_path):
+    """bench/eval_framing.py on a run's best.pth: its own framing gives the recorded validation top-1
+    exactly; each other framing and size, with and without BatchNorm re-estimated (update_bn)."""
+    import importlib.util
+
+    c = config_for(tiny_split, tmp_path, epochs=1, precision="fp32")
+    common.fit(c)
+    spec = importlib.util.spec_from_file_location("eval_framing", ROOT / "bench" / "eval_framing.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (out,) = bench.main([str(options.run_dir_of(c)), "--sizes", "32", "40", "--bn-stride", "2"])
+    assert out["reproduced"] and out["own_framing"]["top1"] == out["best"]["top1"]
+    assert [(r["mode"], r["size"], r["bn"]) for r in out["rows"]] == [
+        (m, s, bn) for m in ("center", "squash") for s in (32, 40) for bn in ("trained", "re-estimated")]
+    assert out["rows"][0]["top1"] == out["best"]["top1"]  # centre, 32 px, as trained: the run's own
+    assert (options.run_dir_of(c) / "framing.json").is_file()
+
+
 R50_DEFAULTS = dict(arch="resnet50", batch_size=32, epochs=30, scratch_epochs=50, lr=1e-3, weight_decay=1e-5,
                     unfreeze="last:1")
 BAD = [
