@@ -75,7 +75,7 @@ def make_training(run, loaders, frozen, preprocess):
     the batch step."""
     net, batches, dtype = steps.trained_net(run, loaders, frozen)
     optimizer, scheduler, scaler = steps.make_optimizer(run.config, run.model, len(batches["train"]), run.device,
-                                                         run.dtype, steps.head_on_features(run.config, run.world))
+                                                        run.dtype, steps.head_on_features(run.config, run.world))
     ema = steps.averaged_model(run.config, run.model, optimizer)
     return steps.Training(net, batches, dtype, optimizer, scheduler, scaler, ema,
                           steps.batch_step(run.config, len(run.classes), preprocess))

@@ -373,7 +373,7 @@ def erase_params(n: int, h: int, w: int, p: float, generator: torch.Generator | 
     target = h * w * torch.empty(n, 10, device=device).uniform_(*ERASE_SCALE, generator=generator)
     log_r = torch.log(torch.tensor(ERASE_RATIO))
     aspect = torch.exp(torch.empty(n, 10, device=device).uniform_(float(log_r[0]), float(log_r[1]),
-                                                                   generator=generator))
+                                                                  generator=generator))
     eh = torch.round(torch.sqrt(target * aspect)).long()
     ew = torch.round(torch.sqrt(target / aspect)).long()
     ok = (eh < h) & (ew < w)

@@ -228,10 +228,8 @@ def rank_rows(rows):
 # Successive halving.
 # --------------------------------------------------------------------------------------------
 def successive_halving(fit, trials, first, rows, root, pool):
-    """Race the trials on validation at rungs first, 2*first, ... epochs (rules: module docstring).
-
-    rows (trial name -> row) is updated in place. -> (survivors still to finish, names trained here).
-    """
+    """Race the trials on validation at rungs first, 2*first, ... epochs (rules: module docstring). rows
+    (trial name -> row) is updated in place. -> (survivors still to finish, names trained here)."""
     path = root / "halving.json"
     state = pool.share(load_json(path) if pool.rank == 0 else None)
     scores = state.get("scores", {}) if isinstance(state, dict) else {}  # "rung" -> {trial: val top-1}
@@ -297,17 +295,13 @@ def markdown_table(rows, columns):
     return "\n".join(lines) + "\n"
 
 
-def csv_text(rows, columns):
+def write_tables(root, rows, columns, footer=""):
+    root.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    return buf.getvalue()
-
-
-def write_tables(root, rows, columns, footer=""):
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write(root / "results.csv", lambda f: f.write(csv_text(rows, columns).encode()))
+    atomic_write(root / "results.csv", lambda f: f.write(buf.getvalue().encode()))
     atomic_write(root / "results.md", lambda f: f.write((markdown_table(rows, columns) + footer).encode()))
 
 
@@ -322,12 +316,9 @@ def write_results(root, rows):
 # --------------------------------------------------------------------------------------------
 # Entry points.
 # --------------------------------------------------------------------------------------------
-def run_grid(fit, config, grid, from_spec=False, pool=None):
+def run_grid(fit, config, grid, pool, from_spec=False):
     """Every trial in OUT/<script>/<group>/<trial>/, ranked on validation, resumable.
-
-    -> (ranked rows, {trial name: trial config}), the same on every process.
-    """
-    pool = pool or Pool(None, 0, 1, "", config["name"] or "grid")
+    -> (ranked rows, {trial name: trial config}), the same on every process."""
     group = config["name"] or "grid"
     root = Path(config["out"]) / config["script"] / group
     axes = grid_axes(grid, config.get("explicit", ()), from_spec)
@@ -417,9 +408,8 @@ def run_compare(fit, config, winner=None, pool=None):
         fail("--compare trains the pretrained network against random init: give --weights imagenet or PATH, not none")
     group = f"{grid_root.name}-compare" if winner is not None else (config["name"] or "compare")
     root = Path(config["out"]) / config["script"] / group
-    scratch = scratch_rules(dict(pre, weights="none"))
-    runs = [("pretrained", pre), ("random init", scratch)]
-    runs = [(label, place(c, config["out"], config["script"], group, label.replace(" ", "_"))) for label, c in runs]
+    runs = [(label, place(c, config["out"], config["script"], group, label.replace(" ", "_")))
+            for label, c in (("pretrained", pre), ("random init", scratch_rules(dict(pre, weights="none"))))]
     lock = lock_folder(pool, root)
     rows, reused = None, False
     with pool.agreed():
@@ -481,11 +471,10 @@ def run(config, grid, fit):
     axes = parse_grid_spec(config["grid_spec"]) if config["grid_spec"] else grid
     if not axes:
         fail("this script has no GRID; give one with --grid-spec")
-    ranked, trials = run_grid(fit, config, axes, from_spec=bool(config["grid_spec"]), pool=pool)
+    ranked, trials = run_grid(fit, config, axes, pool, from_spec=bool(config["grid_spec"]))
     winner = next((r for r in ranked if r["status"] == "done"), None)
     if winner is None:
-        fail(f"no grid trial finished; see {Path(config['out']) / config['script'] / (config['name'] or 'grid')}"
-             f"/results.csv")
+        fail(f"no grid trial finished; see {Path(config['out']) / config['script'] / group}/results.csv")
     if config["compare"]:
         run_compare(fit, config, winner=trials[winner["trial"]], pool=pool)
     return ranked

@@ -90,15 +90,10 @@ def evaluation_logits(model, x, tta="none"):
     return torch.logaddexp(logits.log_softmax(1), mirrored.log_softmax(1)) - math.log(2)
 
 
-def get_head(model, arch_name):
-    """-> (parent module, attribute name) of the architecture's final Linear."""
-    parent_name, _, child = ARCHS[arch_name].head.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
 def replace_head(model, arch_name, num_classes):
     """Swap the ImageNet classifier for a fresh Linear with `num_classes` outputs."""
-    parent, child = get_head(model, arch_name)
+    parent_name, _, child = ARCHS[arch_name].head.rpartition(".")
+    parent = model.get_submodule(parent_name)  # "" is the model itself
     setattr(parent, child, nn.Linear(getattr(parent, child).in_features, num_classes))
     return model
 
@@ -163,12 +158,11 @@ def build_model(arch_name, num_classes, weights="none"):
         return replace_head(model, arch_name, num_classes)
     state, _ = load_weights_file(weights)
     head_out = state.get(ARCHS[arch_name].head + ".weight", torch.empty(0)).shape[:1]
-    if head_out == (num_classes,):  # our own checkpoint for the same classes: keep its head
+    keep_head = head_out == (num_classes,)  # our own checkpoint for the same classes: keep its head
+    if keep_head:
         replace_head(model, arch_name, num_classes)
-        load_backbone(model, state, arch_name, weights)
-        return model
     load_backbone(model, state, arch_name, weights)
-    return replace_head(model, arch_name, num_classes)
+    return model if keep_head else replace_head(model, arch_name, num_classes)
 
 
 def zero_init_residual(model):
@@ -185,14 +179,10 @@ def zero_init_residual(model):
 # --------------------------------------------------------------------------------------------
 # Freezing: which parameters train, and BatchNorm statistics that do not drift when frozen.
 # --------------------------------------------------------------------------------------------
-def module_names(arch_name):
-    return [n for stage in ARCHS[arch_name].stages for n in stage]
-
-
 def parse_unfreeze(spec, arch_name):
     """--unfreeze -> the list of backbone module names that train ('head' trains none of them)."""
     stages = ARCHS[arch_name].stages
-    names = module_names(arch_name)
+    names = [n for stage in stages for n in stage]
     spec = spec.strip()
     if spec == "all":
         return names

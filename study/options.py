@@ -97,7 +97,7 @@ def get_args_parser(defaults):
       help="AdamW weight decay (not applied to biases and norm weights)")
     a("--img-size", type=int, default=d.get("img_size"),
       help="training and test crop, px (default: " + (f"{d['img_size']}" if d.get("img_size") else
-                                                     "the weights' own, e.g. 224 or 380") + ")")
+                                                      "the weights' own, e.g. 224 or 380") + ")")
     a("--crop-mode", default=d.get("crop_mode", "center"), choices=pipeline.CROP_MODES,
       help="evaluation framing: center (resize the shorter side, centre crop: the weights' own) or "
            "squash (the whole image resized to --img-size square, nothing cut off)")

@@ -8,7 +8,6 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-
 from . import nets, pipeline, records
 from .data import is_image_name
 from .decode_cache import evaluation_frame
@@ -100,14 +99,6 @@ def find_images(inputs):
 # --------------------------------------------------------------------------------------------
 # Prediction: batches of images -> top-k (class, probability), most probable first.
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def topk(model, batch, k, tta="none"):
-    """-> (probabilities, class indices), each (n, k), from the softmax over all classes (under
-    tta flip, averaged with the mirror's: nets.evaluation_logits, as the run's evaluation)."""
-    probs = torch.softmax(nets.evaluation_logits(model, batch, tta), dim=1)
-    return probs.topk(min(k, probs.shape[1]), dim=1)
-
-
 def grad_cam(model, batch, target):
     """Grad-CAM (Selvaraju et al., 2017) on the last backbone stage: where the network looked for
     class target[i] in image i. -> [n, H, W] maps in [0, 1] at the input's size."""
@@ -170,7 +161,9 @@ def predict_paths(model, classes, preprocess, paths, *, device, batch_size=32, k
         if not tensors:
             continue
         batch = torch.stack(tensors).to(device)
-        probs, idx = topk(model, batch, k, preprocess.get("tta", "none"))
+        with torch.no_grad():  # under tta flip, averaged with the mirror's, as the run's evaluation
+            probs = torch.softmax(nets.evaluation_logits(model, batch, preprocess.get("tta", "none")), dim=1)
+        probs, idx = probs.topk(min(k, probs.shape[1]), dim=1)
         cams = grad_cam(model, batch, idx[:, 0]) if explain else None
         for n, (path, p_row, i_row) in enumerate(zip(kept, probs.tolist(), idx.tolist())):
             result = {"image": path, "top5": [{"class": classes[i], "prob": p} for p, i in zip(p_row, i_row)]}

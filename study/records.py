@@ -4,6 +4,7 @@ Every file goes to a temporary name in the same folder, is fsynced and renamed i
 so a kill never leaves a half-written file. split_data.py writes through this module too, so
 torch is imported only where a checkpoint is read or written.
 """
+import contextlib
 import errno
 import json
 import os
@@ -12,7 +13,6 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-
 
 try:
     import fcntl
@@ -34,8 +34,8 @@ class DiskFull(SystemExit):
 
 
 def atomic_write(path, write):
-    """write(binary file object) into a hidden temporary file beside path, then commit_file: all or
-    nothing. The temporary name is mkstemp's (O_EXCL, random): processes on machines that share the
+    """write(binary file object) into a hidden temporary file beside path, then fsync, rename, fsync of the
+    folder: all or nothing. The temporary name is mkstemp's (O_EXCL, random): processes on machines that share the
     folder never write into one file. A full disk ends in one line that names the file and the
     disk, with the previous version kept and no temporary file left."""
     path = Path(path)
@@ -44,7 +44,13 @@ def atomic_write(path, write):
     try:
         with f:
             write(f)
-        commit_file(tmp, path)
+        umask = os.umask(0)  # the usual permissions: temporary files are often created 0600
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:
         free = shutil.disk_usage(path.parent).free  # before the temporary file goes
         # torch.save's zip writer reports a full disk as RuntimeError("... unexpected pos ...")
@@ -56,18 +62,6 @@ def atomic_write(path, write):
         raise
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def commit_file(tmp, final):
-    """Move a finished temporary file into place durably: the usual umask permissions (temporary
-    files are often created 0600), fsync, rename, fsync of the folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(Path(final).parent)
 
 
 def fsync_dir(path):
@@ -138,7 +132,7 @@ class FolderLock:
     included), so a lock is never stale, and unlike flock it is not inherited by forked loader
     workers, which could outlive the run and keep its folder locked. The file keeps the holder's pid
     and host for the message a second process gets. Only its holder removes it, and a process that
-    locked a file since removed locks the new one (same_file), so two processes never hold two files."""
+    locked a file since removed locks the new one, so two processes never hold two files."""
 
     def __init__(self, folder, name=".lock", wait=False):
         self.folder, self.name, self.wait, self.fd, self.made = Path(folder), name, wait, None, []
@@ -163,8 +157,9 @@ class FolderLock:
                 os.close(fd)
                 raise FolderBusy(f"error: {self.folder} is in use by {holder}; wait for it to end, or pass "
                                  f"--name NEW for another folder") from None
-            if same_file(fd, path):
-                break
+            with contextlib.suppress(FileNotFoundError):  # still the file at path, not removed or replaced
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
             os.close(fd)  # its holder removed the file as we opened it (release): lock the new one
         if not self.wait:  # for the message a second process gets (a waiting one gets none)
             os.ftruncate(fd, 0)
@@ -192,14 +187,6 @@ class FolderLock:
 
     def __exit__(self, *exc):
         self.release()
-
-
-def same_file(fd, path):
-    """Whether the open file fd is still the file at path (not removed or replaced since it was opened)."""
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-        return False
 
 
 def plain_state_dict(state):
@@ -254,25 +241,21 @@ def log_epoch(writer, epoch, tm, vm, lrs, epochs):
     print(line + f"  {tm['images'] / max(tm['seconds'], 1e-9):.0f} img/s  lr {lrs[-1]:.2e}", flush=True)
 
 
-def hparams_summaries(config, metrics):
+def write_hparams(writer, config, metrics):
     """TensorBoard HParams records, written into the run's own event file (no stray sub-folder)."""
     from torch.utils.tensorboard.summary import hparams
 
     h = {k: (config.get(k) if isinstance(config.get(k), (int, float, str, bool)) else str(config.get(k)))
          for k in HPARAM_KEYS}
-    return hparams(h, metrics)
-
-
-def write_hparams(writer, config, metrics):
-    for s in hparams_summaries(config, metrics):
+    for s in hparams(h, metrics):
         writer.file_writer.add_summary(s)
     for k, v in metrics.items():
         writer.add_scalar(k, v, 0)
 
 
-def log_test(writer, classes, test_m, mistake_images):
-    """The test pass in TensorBoard: the readable confusion matrix, the worst mistakes as the
-    images were evaluated, and the per-class table from worst to best."""
+def finish_run(writer, run_dir, config, classes, test_m, metrics, mistake_images):
+    """The end of a finished run: test records in TensorBoard (the confusion matrix, the worst mistakes
+    as the images were evaluated, the per-class table from worst to best), metrics.json, the summary line."""
     from . import figures  # matplotlib: only at the end of a run
 
     writer.add_figure("Test/confusion_matrix", figures.confusion_figure(test_m["confusion"], classes), 0)
@@ -280,11 +263,6 @@ def log_test(writer, classes, test_m, mistake_images):
         idx, true, pred, prob = zip(*test_m["mistakes"])
         writer.add_figure("Test/worst_mistakes", figures.mistakes_figure(mistake_images, true, pred, prob, classes), 0)
     writer.add_text("Test/per_class_accuracy", figures.per_class_markdown(classes, test_m["per_class"]), 0)
-
-
-def finish_run(writer, run_dir, config, classes, test_m, metrics, mistake_images):
-    """The end of a finished run: test records in TensorBoard, metrics.json, the summary line."""
-    log_test(writer, classes, test_m, mistake_images)
     for k in ("test_top1", "test_top5", "test_mean_class_acc"):
         if metrics[k] is not None:
             writer.add_scalar(f"Test/{k[5:]}", metrics[k], 0)

@@ -20,8 +20,7 @@ CURVE_TAGS = ("Accuracy/val", "Loss/train", "Loss/val")
 # --------------------------------------------------------------------------------------------
 def find_runs(runs_dir):
     """Every folder under runs_dir (itself included) holding config.json and metrics.json, sorted."""
-    root = Path(runs_dir)
-    return sorted(p.parent for p in root.rglob("metrics.json") if (p.parent / "config.json").is_file())
+    return sorted(p.parent for p in Path(runs_dir).rglob("metrics.json") if (p.parent / "config.json").is_file())
 
 
 def read_json_object(path):
@@ -114,9 +113,8 @@ def has_score(v):
 def pick_best(rows):
     """Highest validation top-1; a run without a validation score (--val-fraction 0) comes after
     every run that has one, and ties go to the first run folder in sorted order (not to the test)."""
-    ranked = sorted(rows, key=lambda r: (not has_score(r["val_top1"]),
-                                         -(r["val_top1"] if has_score(r["val_top1"]) else 0), r["run"]))
-    return ranked[0] if ranked else None
+    return min(rows, key=lambda r: (not has_score(r["val_top1"]), -(r["val_top1"] if has_score(r["val_top1"]) else 0),
+                                    r["run"]), default=None)
 
 
 def arch_order(arch):
@@ -212,10 +210,9 @@ def scored_trials(group):
         if row.get("status", "").startswith(("cut", "stopped")) and not math.isnan(val):
             trials.append({"name": d.name, "config": config, "val_top1": val, "status": row["status"]})
     ranked = [r.get("run", "").split("/")[-1] for r in listed.values() if r.get("status") == "done"]
-    done = [t for t in trials if t["status"] == "done"]
+    done = {t["name"]: t for t in trials if t["status"] == "done"}
     if done:  # the grid's own ranking (results.csv, ties in grid order), else the best validation score
-        names = {t["name"]: t for t in done}
-        winner = next((names[n] for n in ranked if n in names), None) or max(done, key=lambda t: t["val_top1"])
+        winner = next((done[n] for n in ranked if n in done), None) or max(done.values(), key=lambda t: t["val_top1"])
         winner["winner"] = True
     return trials
 

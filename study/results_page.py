@@ -174,9 +174,8 @@ def draw_grids(figs, runs_dir):
 # The report: tables, pairs and figures per setting -> results.md.
 # --------------------------------------------------------------------------------------------
 def figure_links(figs, folder):
-    rels = sorted(r for r in figs.drawn if (figs.runs_dir / r).parent == folder and not r.split("/")[-1].startswith(
-        "confusion-"))
-    return [f"![{Path(r).stem}]({r})" for r in rels]
+    return [f"![{Path(r).stem}]({r})" for r in sorted(figs.drawn)
+            if (figs.runs_dir / r).parent == folder and not r.split("/")[-1].startswith("confusion-")]
 
 
 def setting_section(figs, setting, rows, folder, level, heading=""):
@@ -184,8 +183,7 @@ def setting_section(figs, setting, rows, folder, level, heading=""):
     h = "#" * level
     chosen = table_rows(rows)
     out = [f"{h} {heading}{describe_setting(setting, rows)}", "", render(chosen, len(rows))]
-    notes = draw_curves(figs, folder, setting, chosen)
-    notes += draw_summary(figs, folder, setting, chosen)
+    notes = draw_curves(figs, folder, setting, chosen) + draw_summary(figs, folder, setting, chosen)
     pairs, confusion_notes = draw_confusions(figs, folder, chosen)
     notes += confusion_notes
     out += [f"{h}# Figures", ""] + figure_links(figs, folder) + [""]
@@ -205,10 +203,8 @@ def build_report(runs_dir, rows):
     reduced_heading = others_heading = False
     slugs = set()
     for s, srows in settings:
-        if s == main:
-            text, n = setting_section(figs, s, srows, figs.root, 2, heading="Main table: ")
-            parts += [text]
-        else:
+        folder, level, heading = figs.root, 2, "Main table: "
+        if s != main:
             if s[3] is None and not others_heading:
                 parts += ["## Other settings (every image, other data, carve, size or validation fraction)", ""]
                 others_heading = True
@@ -219,8 +215,9 @@ def build_report(runs_dir, rows):
             while slug in slugs:  # two data folders of the same name
                 slug = f"{base}-{len(slugs) + 1}"
             slugs.add(slug)
-            text, n = setting_section(figs, s, srows, figs.root / slug, 3)
-            parts += [text]
+            folder, level, heading = figs.root / slug, 3, ""
+        text, n = setting_section(figs, s, srows, folder, level, heading)
+        parts.append(text)
         notes += n
     grid_notes, grid_tables = draw_grids(figs, runs_dir)
     grid_links = [g for g in figure_links(figs, figs.root) if "](figures/grid-" in g]

@@ -133,16 +133,6 @@ def plan_split(images, train_ratio, seed):
     return plan
 
 
-def build_record(args_record, plan, skipped, excluded):
-    """The split.json content."""
-    return {"format": SPLIT_FORMAT, "args": args_record, "classes": plan["classes"],
-            "counts": {"classes": len(plan["classes"]), "train": len(plan["train"]), "test": len(plan["test"]),
-                       "skipped": len(skipped), "per_class": plan["per_class"]},
-            "fingerprint": split_fingerprint(plan["classes"], plan["train"], plan["test"]),
-            "excluded_classes": excluded, "empty_classes": plan["empty_classes"], "warnings": plan["warnings"],
-            "skipped": skipped, "train": plan["train"], "test": plan["test"]}
-
-
 def split_record(root, args_record, workers):
     """Every image under the class root decoded, the unusable ones skipped, the rest split -> split.json's content."""
     images, skipped, excluded = list_class_images(root, args_record["keep_background"])
@@ -154,7 +144,12 @@ def split_record(root, args_record, workers):
     plan = plan_split(images, args_record["train_ratio"], args_record["seed"])
     for w in plan["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
-    return build_record(args_record, plan, skipped, excluded)
+    return {"format": SPLIT_FORMAT, "args": args_record, "classes": plan["classes"],
+            "counts": {"classes": len(plan["classes"]), "train": len(plan["train"]), "test": len(plan["test"]),
+                       "skipped": len(skipped), "per_class": plan["per_class"]},
+            "fingerprint": split_fingerprint(plan["classes"], plan["train"], plan["test"]),
+            "excluded_classes": excluded, "empty_classes": plan["empty_classes"], "warnings": plan["warnings"],
+            "skipped": skipped, "train": plan["train"], "test": plan["test"]}
 
 
 # ----------------------------------------------------------------------------- what is on disk
@@ -234,18 +229,6 @@ def _place(src, dst, link):
     return False
 
 
-def _swap_in(build, out, trash):
-    """Replace out/{split.json,train,test} by build's, by renames only: split.json leaves first and
-    comes back last, so its presence always means a complete split."""
-    trash.mkdir()
-    for name in (SPLIT_FILE, "train", "test"):
-        if os.path.lexists(out / name):
-            os.rename(out / name, trash / name)
-    for name in ("train", "test", SPLIT_FILE):
-        os.rename(build / name, out / name)
-    records.fsync_dir(out)
-
-
 def write_split(root, record, out, work, copy=False):
     """Build train/, test/ and split.json in work/build from the files under root, then swap them into out.
 
@@ -273,7 +256,15 @@ def write_split(root, record, out, work, copy=False):
         if not any((build / "test" / c).iterdir()):
             (build / "test" / c).rmdir()
     records.atomic_write(build / SPLIT_FILE, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
-    _swap_in(build, out, work / "old")
+    # Swap build's split.json, train/ and test/ into out by renames only: split.json leaves first and
+    # comes back last, so its presence always means a complete split.
+    (work / "old").mkdir()
+    for name in (SPLIT_FILE, "train", "test"):
+        if os.path.lexists(out / name):
+            os.rename(out / name, work / "old" / name)
+    for name in ("train", "test", SPLIT_FILE):
+        os.rename(build / name, out / name)
+    records.fsync_dir(out)
     return counts
 
 

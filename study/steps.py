@@ -14,6 +14,7 @@ from .nets import ARCHS, build_model, freeze, make_preprocess, param_groups, par
 from .options import RESOLVED, image_options, run_dir_of
 from .records import CheckpointError
 
+
 def loader_options(config, device, rank=0, world=1, on_device=None):
     """The keyword arguments every pipeline.build_loader call of a run shares."""
     return dict(preprocess=make_preprocess(config["arch"], config["img_size"], config["crop_mode"]),
@@ -436,5 +437,3 @@ def options_changed(config, defaults):
     skip = set(RESOLVED) | {"script", "name", "resume", "explicit", "scratch_filled"}  # shown above, or bookkeeping
     return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in config.items()
                     if k not in skip and k in defaults and v != defaults[k] and v is not False)
-
-

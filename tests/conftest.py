@@ -28,6 +28,11 @@ ENV_VAR = "CALTECH101_ARCHIVE"
 INNER = "101_ObjectCategories.tar.gz"  # the official caltech-101.zip holds it beside Annotations.tar
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts a process or trains more than a few steps "
+                                       "(python -m pytest -q -m \"not slow\" tests is the fast tier)")
+
+
 def archive_candidates():
     named = os.environ.get(ENV_VAR)
     return ([Path(named).expanduser()] if named else []) + [

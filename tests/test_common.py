@@ -75,7 +75,7 @@ def test_frozen_parameters_and_bn_statistics_stay_bit_identical(built, arch, spe
     sched = loop.lr_schedule(opt, 3, 1)
     batches = [(torch.randn(4, 3, 64, 64), torch.randint(0, 7, (4,))) for _ in range(3)]
     loop.train_one_epoch(model, batches, opt, sched, nn.CrossEntropyLoss(), torch.device("cpu"), None,
-                           epoch=1, show_bar=False)
+                         epoch=1, show_bar=False)
     after = model.state_dict()
     trained_prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in trained)
     moved = {k for k in after if not torch.equal(before[k], after[k])}
@@ -96,7 +96,7 @@ def test_bn_stats_frozen_keeps_every_running_statistic_while_the_trained_part_le
     opt = torch.optim.AdamW(nets.param_groups(model, "efficientnet_lite0", 1e-2, 0.0, 0.1))
     batches = [(torch.randn(4, 3, 64, 64), torch.randint(0, 7, (4,))) for _ in range(2)]
     loop.train_one_epoch(model, batches, opt, loop.lr_schedule(opt, 2, 1), nn.CrossEntropyLoss(),
-                           torch.device("cpu"), None, epoch=1, show_bar=False, bn_stats="frozen")
+                         torch.device("cpu"), None, epoch=1, show_bar=False, bn_stats="frozen")
     after = model.state_dict()
     stats = [k for k in after if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)

@@ -86,7 +86,7 @@ def test_structure_and_shapes():
     assert model.classifier[0].p == 0.2
     stem, head = model.features[0][0], model.features[8][0]
     assert (stem.in_channels, stem.out_channels, stem.kernel_size, stem.stride) == (3, 32, (3, 3),
-                                                                                   (2, 2))
+                                                                                    (2, 2))
     assert (head.in_channels, head.out_channels, head.kernel_size) == (320, 1280, (1, 1))
     table = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
              (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)]

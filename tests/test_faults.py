@@ -135,7 +135,7 @@ def test_a_crash_between_write_and_rename_leaves_the_old_checkpoint(tmp_path, mo
 
 def small_config(data, out, **over):
     parser = options.get_args_parser(dict(arch="tiny", batch_size=8, epochs=3, scratch_epochs=3, lr=1e-3,
-                                         weight_decay=1e-4, unfreeze="last:1"))
+                                          weight_decay=1e-4, unfreeze="last:1"))
     args = parser.parse_args(["--data", str(data), "--out", str(out), *TINY, "--cache-dir", str(out / "cache")])
     return dict(options.resolve_config(args, dict(epochs=3, scratch_epochs=3, unfreeze="last:1"), "main_test"), **over)
 
@@ -149,7 +149,7 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_while_best_pth_is_written_ends_in_one_line_and_leaves_no_temporary_file(data, tmp_path,
-                                                                                              small_disk):
+                                                                                             small_disk):
     c = dict(small_config(data, small_disk, epochs=1), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(SystemExit) as e:
         common.fit(c)

@@ -59,7 +59,7 @@ def test_the_prefix_ends_where_training_or_randomness_begins(arch, unfreeze, bn_
 
 def lite0_config(data, out, weights, **over):
     parser = options.get_args_parser(dict(arch="efficientnet_lite0", batch_size=16, epochs=2, scratch_epochs=2,
-                                         lr=1e-3, weight_decay=1e-4, unfreeze="last:5", augment="none"))
+                                          lr=1e-3, weight_decay=1e-4, unfreeze="last:5", augment="none"))
     args = parser.parse_args(["--data", str(data), "--out", str(out), "--weights", str(weights), "--img-size",
                               "64", "--workers", "0", "--precision", "fp32", "--probe-epochs", "2",
                               "--cache-dir", str(out / "cache")])
@@ -101,7 +101,7 @@ def test_training_on_cached_prefix_outputs_gives_bit_identical_weights(tiny_spli
 
 @pytest.mark.slow
 def test_augmented_training_or_a_tight_memory_runs_every_stage_each_step(tiny_split, weights_file, tmp_path,
-                                                                        capsys, monkeypatch):
+                                                                         capsys, monkeypatch):
     common.fit(lite0_config(tiny_split, tmp_path, weights_file, name="flip", augment="flip", epochs=1))
     assert "frozen features.0" not in capsys.readouterr().out  # each epoch shows other pixels
     monkeypatch.setattr(hardware, "memory_limit", lambda device: 1000)

@@ -499,9 +499,9 @@ def test_eval_shards_cover_every_sample_once(coord_samples, cache):
 # resident cache: the same batches as streaming
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("train,augment,seed_policy", [(True, "light", "resnet18"),
-                                                  (True, "seed", "efficientnet_b4"),
-                                                  (True, "flip", "resnet18"),
-                                                  (False, "none", "resnet18")])
+                                                       (True, "seed", "efficientnet_b4"),
+                                                       (True, "flip", "resnet18"),
+                                                       (False, "none", "resnet18")])
 def test_resident_cache_gives_the_streamed_batches(real_split, tmp_path, train, augment, seed_policy):
     """make_resident() (the whole uint8 cache one tensor on the device, here the CPU) serves
     bit-identical fp32 batches to the streamed on-device path, epoch after epoch, and so does the
@@ -642,7 +642,7 @@ def host_copies():
     ("tensor", "flip", True, False), ("cpu", "seed", True, False), ("cpu", "flip", True, False),
     ("tensor", "none", False, True), ("cpu", "none", False, False)])
 def test_batches_make_no_device_constant_and_copy_nothing_blocking(real_split, path, augment, train, resident,
-                                                                    cache):
+                                                                   cache):
     """After a loader's first batch (which may make its normalisation constants), no batch builds a
     tensor from Python numbers, copies to the device without non_blocking or reads a value back: on
     CUDA each is a stream synchronisation. The constants are the same tensors in every batch and

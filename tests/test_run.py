@@ -87,7 +87,7 @@ def test_rerun_without_resume_refuses_and_loses_nothing(smoke_run, real_split):
 
 def config_for(data, out, **over):
     parser = options.get_args_parser(dict(arch="tiny", batch_size=16, epochs=3, scratch_epochs=3, lr=1e-3,
-                                         weight_decay=1e-4, unfreeze="last:1"))
+                                          weight_decay=1e-4, unfreeze="last:1"))
     args = parser.parse_args(["--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "32",
                               "--limit-per-class", "4", "--workers", "0", "--cache-dir", str(out / "cache")])
     c = options.resolve_config(args, dict(epochs=3, scratch_epochs=3, unfreeze="last:1"), "main_test")
@@ -265,7 +265,7 @@ def test_linear_probe_trains_the_head_alone_before_fine_tuning(tiny_split, tmp_p
     weights = tmp_path / "lite0.pth"
     torch.save(efficientnet_lite.imagenet_state_dict(), weights)
     parser = options.get_args_parser(dict(arch="efficientnet_lite0", batch_size=16, epochs=1, scratch_epochs=1,
-                                         lr=1e-3, weight_decay=1e-4, unfreeze="last:1"))
+                                          lr=1e-3, weight_decay=1e-4, unfreeze="last:1"))
     args = parser.parse_args(["--data", str(tiny_split), "--out", str(tmp_path), "--weights", str(weights),
                               "--img-size", "64", "--workers", "0", "--probe-epochs", "15", "--precision", "fp32",
                               "--cache-dir", str(tmp_path / "cache")])

@@ -65,7 +65,7 @@ def built_optimizer(argv, tmp_path):
     weights' average, batch step)."""
     c = config(argv + ["--img-size", "32", "--workers", "0", "--out", str(tmp_path)])
     run = steps.Run(c, 0, 1, torch.device("cpu"), None, {}, tmp_path, None, [str(i) for i in range(5)], {},
-                     nets.build_model("resnet18", 5, "none"), records.FolderLock(tmp_path), None)
+                    nets.build_model("resnet18", 5, "none"), records.FolderLock(tmp_path), None)
     opt, sched, scaler = steps.make_optimizer(c, run.model, 20, run.device, None, False)
     ema = steps.averaged_model(c, run.model, opt)
     batch_step = steps.batch_step(c, 5, nets.make_preprocess("resnet18", 32, c["crop_mode"]))
@@ -113,7 +113,7 @@ def test_the_weights_average_is_torchs_averaged_model_on_what_trains(bn_stats):
     model = nets.build_model("resnet18", 5, "none")
     nets.freeze(model, "resnet18", ["layer4"])
     ours, ref = loop.WeightAverage(model, 0.9), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9),
-                                                               use_buffers=True)
+                                                              use_buffers=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(4):
         nets.set_train_mode(model, bn_stats)
@@ -262,7 +262,7 @@ def by_hand(c, run_dir, split, tta):
     (averaged with the mirror's when tta), the cross-entropy with the run's label smoothing, the labels."""
     model = prediction.load_model(run_dir / "best.pth")[0]
     loader = steps.make_loader(data.read_data(c)[1][split], steps.loader_options(c, torch.device("cpu")),
-                                train=False, augment="none", batch_size=8)
+                               train=False, augment="none", batch_size=8)
     x, y = (torch.cat(t) for t in zip(*loader))
     with torch.no_grad():
         p = model(x).softmax(1)
