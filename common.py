@@ -42,6 +42,11 @@ def fit(config, stop_after=None, *, resident=None, defaults=None):
             msg = oom_message(config["batch_size"], step.name, step.caches_on_gpu())
             hardware.free_cached_memory()
             fail(msg)
+        except OSError as e:  # a write outside records.atomic_write (TensorBoard's events) met a full disk
+            if not records.disk_full(e):
+                raise
+            where = e.filename or steps.run_folder(config) / "events"
+            raise records.DiskFull(records.disk_full_line(where, kept="the run's saved epochs are kept")) from None
 
 
 def train_and_test(run, step, stop_after, resident):

@@ -17,7 +17,7 @@ import traceback
 
 from . import hardware, processes
 from .options import run_dir_of
-from .records import write_json
+from .records import FolderLock, write_json
 
 
 def run_trial(fit, t, stop_after=None, writes=True):
@@ -155,8 +155,6 @@ def make_pool(config, group):
 def lock_folder(pool, root):
     """The grid's or comparison's folder, held by this command as a whole (rank 0 for all of its
     processes); a second command on it stops at once, naming the holder."""
-    from .records import FolderLock
-
     lock = FolderLock(root)
     with pool.agreed():
         if pool.rank == 0:

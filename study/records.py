@@ -33,11 +33,24 @@ class DiskFull(SystemExit):
     """A write met a full disk: the one-line error (errors.fail's kind), naming the file and its disk."""
 
 
+def disk_full(error):
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_line(path, free=None, kept=None):
+    """The one line of a write that met a full disk: the file, its disk's free space, what was kept."""
+    path = Path(path)
+    free = shutil.disk_usage(path.parent).free if free is None else free
+    kept = kept or ("its previous version is kept" if path.exists() else "nothing was written")
+    return (f"error: {path}: the disk is full ({free / 2**20:.1f} MiB free on the disk of {path.parent}); "
+            f"{kept}: free some space, or write elsewhere (--out, --cache-dir)")
+
+
 def atomic_write(path, write):
-    """write(binary file object) into a hidden temporary file beside path, then fsync, rename, fsync of the
-    folder: all or nothing. The temporary name is mkstemp's (O_EXCL, random): processes on machines that share the
-    folder never write into one file. A full disk ends in one line that names the file and the
-    disk, with the previous version kept and no temporary file left."""
+    """write(binary file object) into a hidden temporary file beside path, then fsync, rename, fsync of
+    the folder: all or nothing. The temporary name is mkstemp's (O_EXCL, random): processes on machines
+    that share the folder never write into one file. A full disk ends in one line that names the file
+    and the disk (DiskFull), with the previous version kept and no temporary file left."""
     path = Path(path)
     f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     tmp = Path(f.name)
@@ -54,11 +67,8 @@ def atomic_write(path, write):
     except (OSError, RuntimeError) as e:
         free = shutil.disk_usage(path.parent).free  # before the temporary file goes
         # torch.save's zip writer reports a full disk as RuntimeError("... unexpected pos ...")
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (isinstance(e, RuntimeError) and free < 2**20):
-            kept = "its previous version is kept" if path.exists() else "nothing was written"
-            line = (f"error: {path}: the disk is full ({free / 2**20:.1f} MiB free on the disk of {path.parent}); "
-                    f"{kept}: free some space, or write elsewhere (--out, --cache-dir)")
-            raise DiskFull(line) from None
+        if disk_full(e) or (isinstance(e, RuntimeError) and free < 2**20):
+            raise DiskFull(disk_full_line(path, free)) from None
         raise
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
 """torchrun, kills, half-written files, non-finite losses, bad images, out of memory."""
+import errno
 import json
 import os
 import shutil
@@ -158,6 +159,22 @@ def test_a_full_disk_while_best_pth_is_written_ends_in_one_line_and_leaves_no_te
     assert line.startswith(f"error: {run_dir / 'best.pth'}: the disk is full (") and "\n" not in line, line
     assert f"MiB free on the disk of {run_dir}); nothing was written: free some space" in line
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.")) == [".lock", "config.json"]
+
+
+def test_a_full_disk_while_tensorboard_writes_ends_in_one_line(data, tmp_path, monkeypatch):
+    """TensorBoard's event files are written by its own writer, not records.atomic_write: a full disk
+    there ends in the same one line, naming the file."""
+    c = small_config(data, tmp_path, epochs=2)
+    events = options.run_dir_of(c) / "events.out.tfevents.1"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(events))
+
+    monkeypatch.setattr(records, "log_epoch", full)
+    with pytest.raises(SystemExit) as e:
+        common.fit(c)
+    line = str(e.value)
+    assert line.startswith(f"error: {events}: the disk is full (") and "the run's saved epochs are kept" in line
 
 
 @pytest.mark.slow
