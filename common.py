@@ -126,7 +126,8 @@ def test_pass(run, training, loaders, so_far, writer, step):
     """The test set is seen once, with the best-on-validation weights: it decides nothing."""
     c = run.config
     step.name = "test"
-    processes.barrier()  # every rank reads best.pth once rank 0 has written it
+    with processes.on_every_rank(run.world):  # the ranks meet: every rank reads best.pth once rank 0 wrote it
+        pass
     best = records.load_checkpoint(run.run_dir / "best.pth", records.CHECKPOINT_KEYS)
     run.model.load_state_dict(best["model"])
     criterion = nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"])

@@ -232,11 +232,6 @@ def one_fails_all(world, rank):
         os._exit(1)
 
 
-def barrier():
-    if distributed():
-        dist.barrier()
-
-
 def whole_lines(*streams):
     """Each printed line leaves in one write, so the lines of processes sharing a terminal or pipe
     (torchrun's workers) never mix mid-line. Unbuffered (python -u, PYTHONUNBUFFERED, common in
