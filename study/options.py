@@ -134,8 +134,9 @@ def get_args_parser(defaults):
            "10 x --lr (linear probe, then fine-tune: LP-FT); 0 = off")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (the original used 0.1)")
     a("--class-balance", default=d.get("class_balance", "none"), choices=("none", "loss"),
-      help="loss: weight each class's training cross-entropy by 1 / its training images (the original "
-           "scripts' weights), so that a class of 31 images counts as much as one of 800; none: every image alike")
+      help="loss: weight each class's cross-entropy in the training epochs by 1 / its training images (the "
+           "original scripts' weights; the linear probe and validation stay unweighted), so that a class of 31 "
+           "images counts as much as one of 800; none: every image alike")
     a("--scratch-recipe", default=d.get("scratch_recipe", "tuned"), choices=SCRATCH_RECIPES,
       help="--weights none: tuned (this project's, chosen on validation: docs/RESULTS.md#scratch) or original "
            "(the original scripts': AdamW at the script's --lr, --augment seed); options given on the command "
