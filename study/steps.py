@@ -132,10 +132,13 @@ def start_run(config, defaults=None):
 
 
 def build_network(config, num_classes, ckpt, device, rank, world):
-    """The network, frozen as asked, on its device: initialised from --seed (the same on every rank),
-    or the checkpoint's weights; then each rank's own generator for dropout."""
+    """The network, frozen as asked, on its device: initialised from --seed (the same on every rank,
+    residual blocks zeroed with --zero-init-residual on random weights), or the checkpoint's weights;
+    then each rank's own generator for dropout."""
     hardware.seed_everything(config["seed"])
     model = build_model(config["arch"], num_classes, "none" if ckpt else config["weights"])
+    if not ckpt and config.get("zero_init_residual") == "on" and config["weights"] == "none":
+        nets.zero_init_residual(model)
     freeze(model, config["arch"], parse_unfreeze(config["unfreeze"], config["arch"]))
     model.to(device=device, memory_format=torch.channels_last)
     if ckpt:
@@ -362,12 +365,10 @@ def batch_step(config, num_classes, preprocess):
 
 
 def restore(run, training):
-    """A fresh run: the zero-init of residual blocks when asked, nothing to restore. A resumed run: the
-    averaged and trained weights, optimizer, schedule and scaler from its checkpoint. -> the run SoFar."""
-    ck, c = run.ckpt, run.config
+    """A resumed run: the averaged and trained weights, optimizer, schedule and scaler from its
+    checkpoint (a fresh run: nothing to restore). -> the run SoFar."""
+    ck = run.ckpt
     if not ck:
-        if c.get("zero_init_residual") == "on" and c["weights"] == "none":
-            nets.zero_init_residual(run.model)
         return SoFar(best={"top1": -1.0, "epoch": 0})
     if training.ema is not None and ck.get("online_model") is not None:  # "model" holds the averaged weights
         training.ema.module.load_state_dict(ck["model"])

@@ -65,7 +65,7 @@ def built_optimizer(argv, tmp_path):
     weights' average, batch step)."""
     c = config(argv + ["--img-size", "32", "--workers", "0", "--out", str(tmp_path)])
     run = steps.Run(c, 0, 1, torch.device("cpu"), None, {}, tmp_path, None, [str(i) for i in range(5)], {},
-                    nets.build_model("resnet18", 5, "none"), records.FolderLock(tmp_path), None)
+                    steps.build_network(c, 5, None, torch.device("cpu"), 0, 1), records.FolderLock(tmp_path), None)
     opt, sched, scaler = steps.make_optimizer(c, run.model, 20, run.device, None, False)
     ema = steps.averaged_model(c, run.model, opt)
     batch_step = steps.batch_step(c, 5, nets.make_preprocess("resnet18", 32, c["crop_mode"]))
