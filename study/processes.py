@@ -179,7 +179,9 @@ def error_line(error, typed=False):
     if isinstance(error, SystemExit):
         return (str(error.code or "").removeprefix("error: ").strip().splitlines() or ["SystemExit"])[0]
     first = (str(error).strip().splitlines() or [""])[0]
-    return type(error).__name__ if not first else f"{type(error).__name__}: {first}" if typed else first
+    if not first:
+        return type(error).__name__
+    return f"{type(error).__name__}: {first}" if typed else first
 
 
 class RanksFailed(SystemExit):

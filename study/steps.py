@@ -188,14 +188,11 @@ def resumed_checkpoint(config, run_dir, classes):
     return ckpt
 
 
-def rank0_first(run, build):
-    """build() on rank 0, then on the others (they find the decode caches it wrote)."""
-    result = None
-    for turn in (True, False):
-        with processes.on_every_rank(run.world):
-            if (run.rank == 0) == turn:
-                result = build()
-    return result
+def on_every_rank(run, build):
+    """build() on every rank at once, failing on all if it fails on one; each decode cache and feature
+    file is built by the first rank to ask (a waited lock per key) and read by the others."""
+    with processes.on_every_rank(run.world):
+        return build()
 
 
 def build_loaders(run, budget, resident=None, step=None):
@@ -204,7 +201,7 @@ def build_loaders(run, budget, resident=None, step=None):
     c = run.config
     options = loader_options(c, run.device, run.rank, run.world, on_device=True if resident is not None else None)
     aug = train_augment(c, run.world)
-    loaders = rank0_first(run, lambda: {
+    loaders = on_every_rank(run, lambda: {
         split: make_loader(samples, options, train=split == "train", augment=aug, batch_size=c["batch_size"])
         for split, samples in run.splits.items()})
     for split, loader in loaders.items():
@@ -286,8 +283,8 @@ def linear_probe(run, loaders, sources, frozen, budget, step):
         served = {"train": make_loader(train, solo, train=True, augment="none", batch_size=c["batch_size"]),
                   "val": sources["val"]}
     sources = {"train": sources["train"], "val": sources["val"]}
-    # rank 0 computes the features and writes their file; the other ranks read it
-    feats = rank0_first(run, lambda: features.head_features(run.model, c, sources, served, run.device, run.dtype,
+    # the first rank to ask computes the features and writes their file; the others wait and read it
+    feats = on_every_rank(run, lambda: features.head_features(run.model, c, sources, served, run.device, run.dtype,
                                                             budget, frozen))
     head = feats.rest
     # a fresh linear layer alone takes a head-only rate; --lr is then the fine-tuning rate of a trained head
