@@ -38,8 +38,8 @@ def fit(config, stop_after=None, *, resident=None, defaults=None):
                 return train_and_test(run, step, stop_after, resident)
             finally:
                 run.lock.release()
-        except torch.OutOfMemoryError:
-            msg = oom_message(config["batch_size"], step.name, step.caches_on_gpu())
+        except torch.OutOfMemoryError as e:
+            msg = failure_line(config, step, e)
             hardware.free_cached_memory()
             fail(msg)
         except OSError as e:  # a write outside records.atomic_write (TensorBoard's events) met a full disk
@@ -47,6 +47,13 @@ def fit(config, stop_after=None, *, resident=None, defaults=None):
                 raise
             where = e.filename or steps.run_folder(config) / "events"
             raise records.DiskFull(records.disk_full_line(where, kept="the run's saved epochs are kept")) from None
+
+
+def failure_line(config, step, error):
+    """The one line a run ends with: out of memory names the step and what to try."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return oom_message(config["batch_size"], step.name, step.caches_on_gpu())
+    return processes.error_line(error)
 
 
 def train_and_test(run, step, stop_after, resident):
@@ -101,7 +108,8 @@ def train_epochs(run, training, so_far, writer, last_epoch, step):
         try:
             tm = loop.train_one_epoch(t.net, t.batches["train"], t.optimizer, t.scheduler, train_loss, run.device,
                                       t.dtype, epoch=epoch, scaler=t.scaler, show_bar=run.rank == 0,
-                                      bn_stats=c["bn_stats"], batch_step=t.batch_step)
+                                      bn_stats=c["bn_stats"], batch_step=t.batch_step,
+                                      describe=functools.partial(failure_line, c, step))
         except loop.NonFiniteLoss as e:  # every process raised it at the same step: agreed, not fatal
             raise processes.RanksFailed(f"error: {e}") from None
         so_far.train_seconds += tm["seconds"]

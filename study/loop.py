@@ -3,12 +3,13 @@ the rule that picks the best epoch. Plain functions that take what they use and 
 import copy
 import math
 import time
+import traceback
 
 import torch
 
 from .hardware import autocast
 from .processes import all_reduce
-from . import nets, processes
+from . import hardware, nets, processes
 from .nets import set_train_mode
 
 
@@ -25,45 +26,79 @@ def top5_correct(logits, y):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtype, *, epoch, scaler=None,
-                    clip=1.0, show_bar=True, bn_stats="train", batch_step=None):
+                    clip=1.0, show_bar=True, bn_stats="train", batch_step=None, describe=processes.error_line):
     """One pass over the loader (images, or cached outputs of a frozen part).
     batch_step: (x, y) -> (x, target) on each batch (augment.batch_augment: auto-augment, erasing, MixUp/CutMix,
     whose targets are class probabilities; top-1 then counts the dominant class).
-    -> {loss, top1, images, seconds}, summed over processes."""
+    Under torchrun, a rank whose batch or forward fails (out of memory, a one-line error) goes on in
+    the others' collectives to the next read-back, where every rank raises RanksFailed with its
+    line (describe: exception -> line). -> {loss, top1, images, seconds}, summed over processes."""
     from tqdm import tqdm
 
     set_train_mode(model, bn_stats)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, start, step_losses = 0, time.perf_counter(), []
+    seen, start, step_losses, done, phase = 0, time.perf_counter(), [], 0, "batch"
     # disable=None: no bar when stderr is not a terminal (logs, CI), only the per-epoch line
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None if show_bar else True,
                dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar, 1):
-        if x.ndim == 4:
-            x = x.to(memory_format=torch.channels_last)
-        target = y
-        if batch_step is not None:
-            x, target = batch_step(x, y)
-            y = target.argmax(1) if target.ndim == 2 else target
-        with autocast(device, dtype):
-            logits = model(x)
-            loss = criterion(logits.float(), target)
-        backward_and_step(loss, optimizer, params, scaler, clip)
-        scheduler.step()
-        step_losses.append(loss.detach())
-        loss_sum += loss.detach().double() * y.shape[0]
-        correct += logits.argmax(1).eq(y).sum()
-        seen += y.shape[0]
-        if step % 10 == 0 or step == len(loader):  # read back rarely: each read waits for the GPU
-            check_finite(step_losses, epoch, step - len(step_losses) + 1)
-            step_losses = []
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
-    totals = all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(seen, device=device).double()]))
-    n = max(totals[2].item(), 1)
-    return {"loss": totals[0].item() / n, "top1": 100 * totals[1].item() / n, "images": int(totals[2].item()),
-            "seconds": time.perf_counter() - start}
+    try:
+        for step, (x, y) in enumerate(bar, 1):
+            if x.ndim == 4:
+                x = x.to(memory_format=torch.channels_last)
+            target = y
+            if batch_step is not None:
+                x, target = batch_step(x, y)
+                y = target.argmax(1) if target.ndim == 2 else target
+            phase = "forward"  # from here on, DDP's collectives before the forward have run
+            with autocast(device, dtype):
+                logits = model(x)
+                loss = criterion(logits.float(), target)
+            phase = "step"  # a failure from here on leaves the gradient all-reduce half done: one_fails_all
+            backward_and_step(loss, optimizer, params, scaler, clip)
+            scheduler.step()
+            step_losses.append(loss.detach())
+            loss_sum += loss.detach().double() * y.shape[0]
+            correct += logits.argmax(1).eq(y).sum()
+            seen += y.shape[0]
+            if reads_back(step, len(loader)):
+                check_finite(step_losses, epoch, step - len(step_losses) + 1)
+                step_losses = []
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            done, phase = step, "batch"
+    except (Exception, SystemExit) as e:
+        if phase == "step" or not processes.distributed():
+            raise
+        line = describe(e)
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+    else:
+        totals = all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(seen, device=device).double()]))
+        n = max(totals[2].item(), 1)
+        return {"loss": totals[0].item() / n, "top1": 100 * totals[1].item() / n, "images": int(totals[2].item()),
+                "seconds": time.perf_counter() - start}
+    fail_with_the_others(model, done + 1, phase == "batch", len(loader), line, device)  # raises RanksFailed
+
+
+def reads_back(step, steps):
+    """The steps (from 1) at which every rank reads its losses back and the ranks agree."""
+    return step % READ_BACK_EVERY == 0 or step == steps
+
+
+READ_BACK_EVERY = 10  # steps: each read-back waits for the GPU
+
+
+def fail_with_the_others(model, failed, whole, steps, line, device):
+    """This rank's step `failed` raised (`whole`: before its forward began): it takes its part in the
+    others' collectives, with zero gradients, up to the next read-back, and every rank raises
+    RanksFailed there."""
+    hardware.free_cached_memory()  # what the failed step held, for the buckets' zeros
+    for step in range(failed, steps + 1):
+        processes.shadow_step(model, whole=whole or step > failed)
+        if reads_back(step, steps):
+            break
+    check_finite([], 0, 0, failed=line, device=device)
 
 
 def backward_and_step(loss, optimizer, params, scaler=None, clip=1.0):
@@ -84,13 +119,17 @@ def backward_and_step(loss, optimizer, params, scaler=None, clip=1.0):
         optimizer.step()
 
 
-def check_finite(losses, epoch, first_step):
+def check_finite(losses, epoch, first_step, failed=None, device=None):
     """Raise NonFiniteLoss at the first non-finite loss of these steps. Under torchrun the processes
     agree here (every one reads back at the same step): each raises it for the first such step of
-    any process, so all stop together and a DDP grid records the trial and goes on."""
-    bad = (~torch.isfinite(torch.stack(losses))).nonzero()
-    first = torch.tensor([float(bad[0]) if len(bad) else math.inf], dtype=torch.float64, device=losses[0].device)
+    any process, so all stop together and a DDP grid records the trial and goes on; a rank that
+    failed (`failed`: its line) makes every rank raise RanksFailed instead."""
+    bad = (~torch.isfinite(torch.stack(losses))).nonzero() if losses else []
+    first = torch.tensor([-1.0 if failed is not None else float(bad[0]) if len(bad) else math.inf],
+                         dtype=torch.float64, device=losses[0].device if losses else device)
     first = all_reduce(first, op="min").item()
+    if first < 0:
+        processes.raise_together(None, failed)
     if first < math.inf:
         raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_step + int(first)}; stopping "
                             f"(the last good checkpoint stays; try a lower --lr or --precision fp32)")

@@ -201,18 +201,43 @@ def on_every_rank(world):
     except (Exception, SystemExit) as e:  # KeyboardInterrupt still ends the process at once
         error = e
     if world > 1:
-        texts = [None] * world
-        dist.all_gather_object(texts, None if error is None else error_line(error))
-        failed = [(r, t) for r, t in enumerate(texts) if t is not None]
-        if error is not None:  # its own line; a traceback where it was no one-line error
-            if not isinstance(error, SystemExit):
-                traceback.print_exception(error)
-            raise RanksFailed(f"error: {texts[dist.get_rank()]}") from error
-        if failed:
-            r, t = failed[0]
-            raise RanksFailed(f"error: process {r} of {world} failed: {t}")
+        raise_together(error, None if error is None else error_line(error))
     if error is not None:
         raise error
+
+
+def raise_together(error, line):
+    """The ranks meet (a gather); if any failed, each raises RanksFailed: a failed rank with its own
+    `line`, the others naming the first failed rank and its line. Returns where none failed."""
+    texts = [None] * dist.get_world_size()
+    dist.all_gather_object(texts, line)
+    failed = [(r, t) for r, t in enumerate(texts) if t is not None]
+    if line is not None:  # its own line; a traceback where it was no one-line error
+        if error is not None and not isinstance(error, SystemExit):
+            traceback.print_exception(error)
+        raise RanksFailed(f"error: {line}") from error
+    if failed:
+        r, t = failed[0]
+        raise RanksFailed(f"error: process {r} of {len(texts)} failed: {t}")
+
+
+def shadow_step(module, whole):
+    """A rank whose training step failed takes the rest of its part in the others' step, with zero
+    gradients, so that every rank reaches the next read-back (loop.train_one_epoch) and they agree
+    there. DDP's collectives of a step: bucket rebuild and buffer broadcast before the forward
+    (`whole`: the failure came before the forward), then one all-reduce per gradient bucket; the
+    same calls DDP's own join hook makes for a rank out of inputs. Nothing to do for a module
+    without DDP (every rank trains its own copy, as the probe's head)."""
+    ddp = getattr(module, "_orig_mod", module)  # under torch.compile
+    if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        return
+    if whole:
+        ddp.reducer._rebuild_buckets()
+        if ddp._check_sync_bufs_pre_fwd():
+            ddp._sync_buffers()
+    ddp._match_all_reduce_for_bwd_pass()
+    ddp.reducer._push_all_rebuilt_params()  # buckets rebuilt at the next step as on the other ranks
+    ddp.require_forward_param_sync = True  # as a training forward leaves it: buffers go out at the next
 
 
 @contextmanager

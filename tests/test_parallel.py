@@ -255,6 +255,56 @@ def test_a_diverging_trial_of_a_ddp_grid_is_recorded_failed_and_the_grid_goes_on
     assert r.stdout.count("grid: trial lr=0.001 (") == 1  # a DDP grid's lines, printed once
 
 
+# Rank 1 fails inside the first trial's epochs, before any gradient of that step is all-reduced:
+# in its forward (out of memory) or while its batch is read (a loader's error). Each: the patch, the
+# line the trial is recorded with, the failed rank's traceback.
+FAILS_IN = {
+    "forward": ("from torchvision.models.resnet import ResNet\n"
+                "real, calls = ResNet.forward, [0]\n"
+                "def forward(self, x):\n"
+                "    if torch.is_grad_enabled():  # training's forwards, not evaluation's\n"
+                "        calls[0] += 1\n"
+                "        if rank == 1 and calls[0] == 3:\n"
+                "            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+                "    return real(self, x)\n"
+                "ResNet.forward = forward\n",
+                "out of GPU memory in the training stage with --batch-size 8; try --batch-size 4",
+                "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "batch": ("from study import pipeline\n"
+              "real, batches = pipeline.Loader.__iter__, [0]\n"
+              "def iterate(self):\n"
+              "    for b in real(self):\n"
+              "        if torch.is_grad_enabled():\n"
+              "            batches[0] += 1\n"
+              "            if rank == 1 and batches[0] == 4:\n"
+              "                raise OSError('image file is truncated (3 bytes not processed)')\n"
+              "        yield b\n"
+              "pipeline.Loader.__iter__ = iterate\n",
+              "image file is truncated (3 bytes not processed)",
+              "OSError: image file is truncated (3 bytes not processed)"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", FAILS_IN)
+def test_a_rank_failing_inside_the_epochs_of_a_ddp_grid_is_agreed_and_the_grid_goes_on(data, tmp_path, where):
+    """The failed rank takes its part in the others' gradient all-reduces up to the next read-back;
+    there both raise its line, the trial is recorded failed and both train the next one."""
+    patch, line, traceback = FAILS_IN[where]
+    script = driver(tmp_path, "import torch\n" + patch)
+    r = subprocess.run(torchrun("--data", data, "--out", tmp_path, *TINY, "--batch-size", "8", "--epochs", "3",
+                                "--parallel", "ddp", "--grid-spec", "lr=1e-3,3e-4", script=script),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env1())
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "main_ResNet-18" / "grid" / "results.csv", newline="") as f:
+        rows = {row["run"].split("/")[-1]: row for row in csv.DictReader(f)}
+    assert {k: v["status"] for k, v in rows.items()} == {"lr=0.001": "failed", "lr=0.0003": "done"}
+    assert rows["lr=0.001"]["error"] == f"process 1 of 2 failed: {line}"
+    assert traceback in r.stderr  # the failed rank's own traceback, where its error was no one-line error
+    m = json.loads((tmp_path / "main_ResNet-18" / "grid" / "lr=0.0003" / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["epochs"] == 3
+
+
 @pytest.mark.slow
 def test_parallel_with_a_single_run_is_an_error(data, tmp_path):
     r = subprocess.run(alone("--data", data, "--out", tmp_path, *TINY, "--parallel", "trials"), cwd=ROOT,
