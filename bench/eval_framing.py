@@ -13,7 +13,7 @@ run's own validation carve (data.read_data with the run's config) with:
 The test set is never loaded. Prints a table and writes framing.json into the run folder.
 
     python bench/eval_framing.py runs/main_ResNet-18/RUN [RUN ...] [--sizes 112 128 144]
-        [--modes center squash] [--no-bn] [--bn-stride 1] [--tag T] [--workers 0]
+        [--modes center squash] [--no-bn] [--bn-stride 1] [--tta none flip] [--tag T] [--workers 0]
 """
 import argparse
 import copy
@@ -51,9 +51,10 @@ def loader_at(config, samples, device, size, mode, workers):
     return steps.make_loader(samples, options, train=False, augment="none", batch_size=cfg["batch_size"])
 
 
-def evaluate_on(model, loader, config, device, dtype, n_classes):
+def evaluate_on(model, loader, config, device, dtype, n_classes, tta=None):
+    """tta: none or flip (loop.evaluate's); None: the run's own."""
     criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])  # as train_epochs scores val
-    m = loop.evaluate(model, loader, criterion, device, dtype, n_classes, tta=config.get("tta") or "none")
+    m = loop.evaluate(model, loader, criterion, device, dtype, n_classes, tta=tta or config.get("tta") or "none")
     return {"top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "loss": m["loss"], "images": m["images"]}
 
 
@@ -66,7 +67,7 @@ def reestimated(model, loader, device, dtype):
     return m
 
 
-def framing_table(run_dir, sizes, modes, bn, workers, device, bn_stride=1, tag=""):
+def framing_table(run_dir, sizes, modes, bn, workers, device, bn_stride=1, tag="", ttas=(None,)):
     config, classes, splits, model, best = load_run(run_dir, device)
     dtype = resolve_precision(config["precision"], device, warn=False)
     n = len(classes)
@@ -85,16 +86,18 @@ def framing_table(run_dir, sizes, modes, bn, workers, device, bn_stride=1, tag="
     for mode in modes:
         for size in sizes:
             val = loader_at(config, splits["val"], device, size, mode, workers)
-            m = ref if (mode, size) == own else evaluate_on(model, val, config, device, dtype, n)
-            rows.append({"mode": mode, "size": size, "bn": "trained", **m})
-            print(f"  {mode:6s} {size:4d} px  BN as trained   top-1 {m['top1']:6.2f}  mean/class "
-                  f"{m['mean_class_acc']:6.2f}  loss {m['loss']:.4f}", flush=True)
+            nets_here = [("trained", model)]
             if bn:
                 train = loader_at(config, splits["train"][::bn_stride], device, size, mode, workers)
-                m = evaluate_on(reestimated(model, train, device, dtype), val, config, device, dtype, n)
-                rows.append({"mode": mode, "size": size, "bn": "re-estimated", **m})
-                print(f"  {mode:6s} {size:4d} px  BN re-estimated top-1 {m['top1']:6.2f}  mean/class "
-                      f"{m['mean_class_acc']:6.2f}  loss {m['loss']:.4f}", flush=True)
+                nets_here.append(("re-estimated", reestimated(model, train, device, dtype)))
+            for bn_name, net in nets_here:
+                for tta in ttas:
+                    own_row = (mode, size, bn_name, tta) == (*own, "trained", None)
+                    m = ref if own_row else evaluate_on(net, val, config, device, dtype, n, tta)
+                    rows.append({"mode": mode, "size": size, "bn": bn_name, "tta": tta or "own", **m})
+                    print(f"  {mode:6s} {size:4d} px  BN {bn_name:12s} tta {tta or 'own':4s}  top-1 "
+                          f"{m['top1']:6.2f}  mean/class {m['mean_class_acc']:6.2f}  loss {m['loss']:.4f}",
+                          flush=True)
     out = {"run": str(run_dir), "best": best, "own_framing": {"mode": own[0], "size": own[1], **ref},
            "reproduced": same, "rows": rows, "bn_images": len(splits["train"][::bn_stride]) if bn else 0,
            "seconds": round(time.perf_counter() - t0, 1),
@@ -112,12 +115,14 @@ def main(argv=None):
     p.add_argument("--no-bn", dest="bn", action="store_false", help="skip the BatchNorm re-estimation")
     p.add_argument("--bn-stride", type=int, default=1, help="re-estimate BatchNorm on every K-th training image")
     p.add_argument("--tag", default="", help="writes framing-TAG.json instead of framing.json")
+    p.add_argument("--tta", nargs="+", default=[None], choices=["none", "flip"],
+                   help="test-time augmentation of each row (default: the run's own)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     device = pick_device(args.device, 0, 1)
-    return [framing_table(r, args.sizes, args.modes, args.bn, args.workers, device, args.bn_stride, args.tag)
-            for r in args.runs]
+    return [framing_table(r, args.sizes, args.modes, args.bn, args.workers, device, args.bn_stride, args.tag,
+                          args.tta) for r in args.runs]
 
 
 if __name__ == "__main__":

@@ -162,11 +162,13 @@ def test_eval_framing_reproduces_the_best_epoch_then_tries_other_framings(tiny_s
     spec = importlib.util.spec_from_file_location("eval_framing", ROOT / "bench" / "eval_framing.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    (out,) = bench.main([str(options.run_dir_of(c)), "--sizes", "32", "40", "--bn-stride", "2"])
+    (out,) = bench.main([str(options.run_dir_of(c)), "--sizes", "32", "40", "--bn-stride", "2",
+                         "--tta", "none", "flip"])
     assert out["reproduced"] and out["own_framing"]["top1"] == out["best"]["top1"]
-    assert [(r["mode"], r["size"], r["bn"]) for r in out["rows"]] == [
-        (m, s, bn) for m in ("center", "squash") for s in (32, 40) for bn in ("trained", "re-estimated")]
-    assert out["rows"][0]["top1"] == out["best"]["top1"]  # centre, 32 px, as trained: the run's own
+    assert [(r["mode"], r["size"], r["bn"], r["tta"]) for r in out["rows"]] == [
+        (m, s, bn, t) for m in ("center", "squash") for s in (32, 40) for bn in ("trained", "re-estimated")
+        for t in ("none", "flip")]
+    assert out["rows"][0]["top1"] == out["best"]["top1"]  # centre, 32 px, as trained, no tta: the run's own
     assert (options.run_dir_of(c) / "framing.json").is_file()
 
 
