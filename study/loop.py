@@ -81,12 +81,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, dtyp
     fail_with_the_others(model, done + 1, phase == "batch", len(loader), line, device)  # raises RanksFailed
 
 
+READ_BACK_EVERY = 10  # steps: each read-back waits for the GPU
+
+
 def reads_back(step, steps):
     """The steps (from 1) at which every rank reads its losses back and the ranks agree."""
     return step % READ_BACK_EVERY == 0 or step == steps
-
-
-READ_BACK_EVERY = 10  # steps: each read-back waits for the GPU
 
 
 def fail_with_the_others(model, failed, whole, steps, line, device):
