@@ -64,15 +64,19 @@ LIGHT_POLICY = _policy(scale=(0.08, 1.0), flip=0.5)   # torchvision references' 
 FLIP_P = 0.5
 
 
-def train_policy(augment: str, seed_policy: str) -> dict | None:
+def train_policy(augment: str, seed_policy: str, crop_scale: float | None = None) -> dict | None:
     """The augmentation policy (dict) for --augment `augment` of an architecture whose original
     script is `seed_policy` (nets.ARCHS, a SEED_POLICIES name); None for 'none' and 'flip'
-    (evaluation preprocessing; 'flip' mirrors it, see FLIP_P)."""
+    (evaluation preprocessing; 'flip' mirrors it, see FLIP_P). crop_scale: the crop's lower area
+    bound in place of the policy's (--crop-scale)."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTS)}")
     if seed_policy not in SEED_POLICIES:
         raise ValueError(f"unknown seed policy {seed_policy!r}; choose from {', '.join(SEED_POLICIES)}")
-    return {"seed": SEED_POLICIES[seed_policy], "light": LIGHT_POLICY, "flip": None, "none": None}[augment]
+    policy = {"seed": SEED_POLICIES[seed_policy], "light": LIGHT_POLICY, "flip": None, "none": None}[augment]
+    if policy is not None and crop_scale is not None:
+        policy = dict(policy, scale=(crop_scale, policy["scale"][1]))
+    return policy
 
 
 # =============================================================================================

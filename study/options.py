@@ -34,9 +34,9 @@ EXEMPT = ("resume", "workers", "device", "cache_dir", "gpu_cache", "cache_frozen
 RESOLVED = ("precision", "identity", "data", "weights")
 # What older config.json files lack, and what it then meant (None: no single value; it differs).
 # Runs older than --scratch-recipe trained without its options (optimizer None: AdamW, as pretrained runs now).
-LEGACY = {"crop_mode": "center", "class_balance": "none", "lr_schedule": "cosine", "split_seed": None,
-          "scratch_recipe": "tuned", "optimizer": None, "zero_init_residual": "off", "mixup": 0.0, "cutmix": 0.0,
-          "erasing": 0.0, "ema": 0.0, "auto_augment": "none", "tta": "none"}
+LEGACY = {"crop_mode": "center", "crop_scale": None, "class_balance": "none", "lr_schedule": "cosine",
+          "split_seed": None, "scratch_recipe": "tuned", "optimizer": None, "zero_init_residual": "off", "mixup": 0.0,
+          "cutmix": 0.0, "erasing": 0.0, "ema": 0.0, "auto_augment": "none", "tta": "none"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -119,6 +119,9 @@ def get_args_parser(defaults):
     a("--augment", default=d.get("augment", "seed"), choices=augment.AUGMENTS,
       help="seed: the original script's augmentation; light: random resized crop + flip; flip: the "
            "evaluation framing mirrored left-right half the time; none: the evaluation framing")
+    a("--crop-scale", type=float, default=None,
+      help="the smallest share of the image's area a training crop keeps, RandomResizedCrop's lower scale "
+           "bound, for --augment seed or light (default: the policy's own: 0.7 for ResNet-18's seed, 0.08 light)")
     a("--precision", default="auto", choices=PRECISIONS,
       help="auto: bf16 on GPUs of compute capability >= 8.0, fp16 with loss scaling below (T4, V100); "
            "on the CPU bf16 where native, else fp32")
@@ -258,6 +261,10 @@ def check_config(c):
          f"--mixup and --cutmix must be >= 0 (got {c.get('mixup')}, {c.get('cutmix')})"),
         (0 <= (c.get("erasing") or 0) <= 1, f"--erasing must be within [0, 1] (got {c.get('erasing')})"),
         (0 <= (c.get("ema") or 0) < 1, f"--ema must be within [0, 1) (got {c.get('ema')})"),
+        (c.get("crop_scale") is None or 0 < c["crop_scale"] <= 1,
+         f"--crop-scale must be within (0, 1] (got {c.get('crop_scale')})"),
+        (c.get("crop_scale") is None or c["augment"] in ("seed", "light"),
+         f"--crop-scale sets the crop of --augment seed or light, not of --augment {c['augment']}"),
         (c["unfreeze"] != "head" or not image_options(c),
          f"{' and '.join(image_options(c))} act on images: not with --unfreeze head, which trains and evaluates "
          f"on cached features (--unfreeze last:0 trains the same parameters on images)"),

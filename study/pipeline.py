@@ -305,19 +305,20 @@ def build_loader(samples: list[tuple[str, int]], *, train: bool, preprocess: Pre
                  augment: str, seed_policy: str, batch_size: int, workers: int,
                  device: torch.device, seed: int, cache_dir: str, rank: int = 0,
                  world: int = 1, skip_bad: bool = False, progress: bool = True,
-                 on_device: bool | None = None) -> Loader:
+                 on_device: bool | None = None, crop_scale: float | None = None) -> Loader:
     """A Loader over (path, label) samples, each image decoded once into a file in cache_dir (or reused).
 
     train=True: a fresh permutation per epoch (same on every rank, rank r takes every world-th
     sample), augmentation `augment` for `seed_policy` (augment.train_policy), a last batch of 1 dropped.
     train=False: evaluation preprocessing, every sample exactly once across the ranks.
-    on_device: None = batched tensor augmentation on CUDA, PIL on the CPU; True/False force a path."""
+    on_device: None = batched tensor augmentation on CUDA, PIL on the CPU; True/False force a path.
+    crop_scale: the training crop's lower area bound in place of the policy's (train_policy)."""
     device = torch.device(device)
     on_device = device.type == "cuda" if on_device is None else on_device
     if not samples:
         raise ValueError("no samples to load")
     _check_arguments(preprocess, batch_size, workers, rank, world)
-    aug = train_policy(augment, seed_policy) if train else None
+    aug = train_policy(augment, seed_policy, crop_scale) if train else None
     if train and batch_size < 2:
         raise ValueError("batch_size must be at least 2 for training (BatchNorm)")
     geo = cache_geometry(preprocess, augmented=aug is not None)

@@ -21,7 +21,7 @@ def loader_options(config, device, rank=0, world=1, on_device=None):
                 seed_policy=ARCHS[config["arch"]].seed_policy, workers=config["workers"], device=device,
                 seed=config["seed"], cache_dir=config["cache_dir"] or str(Path(config["data"]) / ".cache"),
                 rank=rank, world=world, skip_bad=config["skip_bad"], progress=rank == 0,
-                on_device=on_device)
+                on_device=on_device, crop_scale=config.get("crop_scale"))
 
 
 def make_loader(samples, options, *, train, augment, batch_size):

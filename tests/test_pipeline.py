@@ -148,6 +148,34 @@ def test_light_augment_statistics_through_loader(coord_samples, path, cache):
     assert np.abs(angle).max() < 2.0   # light has no rotation
 
 
+def test_crop_scale_draws_areas_as_torchvisions_random_resized_crop(coord_samples, cache):
+    """--crop-scale 0.5 with augment=light: the loader's crops keep 50-100 % of the image's area, drawn as
+    torchvision's RandomResizedCrop.get_params(scale=(0.5, 1)) draws them on images of the same sizes."""
+    from torchvision import transforms
+
+    pre = P.Preprocess(crop=40, resize=48, **IMAGENET)
+    assert A.train_policy("light", "resnet18", 0.5)["scale"] == (0.5, 1.0)
+    assert A.train_policy("seed", "efficientnet_b4", 0.3)["scale"] == (0.3, 1.4)  # the upper bound stays
+    loader = P.build_loader(coord_samples, train=True, preprocess=pre, augment="light", seed_policy="resnet18",
+                            batch_size=6, workers=0, device=CPU, seed=1, cache_dir=cache, progress=False,
+                            on_device=False, crop_scale=0.5)
+    sizes = dict(enumerate(loader.sizes))
+    ours = []
+    for epoch in range(40):
+        loader.set_epoch(epoch)
+        ours += [fit_geometry(x[k], pre, sizes[int(y[k])])[0] for x, y in loader for k in range(len(y))]
+    torch.manual_seed(0)
+    theirs = []
+    for _ in range(40):
+        for h, w in loader.sizes:
+            i, j, ch, cw = transforms.RandomResizedCrop.get_params(torch.empty(1, int(h), int(w)), [0.5, 1.0],
+                                                                   [3 / 4, 4 / 3])
+            theirs.append(ch * cw / (h * w))
+    ours, theirs = np.array(ours), np.array(theirs)
+    assert ours.min() > 0.5 * 0.92 and ours.min() < 0.6 and ours.max() < 1.05
+    assert abs(np.median(ours) - np.median(theirs)) < 0.05 and abs(ours.mean() - theirs.mean()) < 0.04
+
+
 def colour_samples(real_split):
     """real_split train images that are in colour (gray sources stay gray under jitter)."""
     out = []

@@ -187,6 +187,9 @@ BAD = [
     (["--weights", "missing.pth"], "not imagenet, none, or an existing file"),
     (["--device", "tpu"], "valid values are auto, cpu, cuda, cuda:N"),
     (["--crop-mode", "border"], "argument --crop-mode: invalid choice: 'border'"),
+    (["--crop-scale", "0"], "--crop-scale must be within (0, 1] (got 0.0)"),
+    (["--augment", "flip", "--crop-scale", "0.5"], "--crop-scale sets the crop of --augment seed or light, not of "
+                                                    "--augment flip"),
 ]
 
 
