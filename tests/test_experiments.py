@@ -233,7 +233,8 @@ def test_a_weights_by_lr_grid_trains_the_four_trials_it_names(tiny, tmp_path):
     assert trained == {(False, 1e-3), (False, 3e-4), (True, 1e-3), (True, 3e-4)} and len(fake.calls) == 4
     assert sorted(r["status"] for r in ranked) == ["done"] * 4
     random_init = [c for _, _, c in fake.calls if c["weights"] == "none"]
-    assert all(c["augment"] == "seed" and c["unfreeze"] == "all" for c in random_init)  # the recipe's other parts
+    tuned = options.SCRATCH_RECIPES["tuned"]["augment"]
+    assert all(c["augment"] == tuned and c["unfreeze"] == "all" for c in random_init)  # the recipe's other parts
 
 
 def test_halving_rule_when_the_grid_varies_epochs(tiny, tmp_path, monkeypatch):
