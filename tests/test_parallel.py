@@ -107,9 +107,10 @@ def test_a_halving_grid_on_two_processes_equals_the_one_process_grid(data, tmp_p
 
 @pytest.mark.slow
 def test_trials_side_by_side_build_each_decode_cache_once(data, tmp_path):
-    """Two processes ask for the same caches at once: the first builds each, the other waits and reuses it."""
+    """Two processes ask for the same caches at once: the first builds each, the other waits and reuses it.
+    --augment seed: the training cache of augmented runs (kept larger, for the crops) is built too."""
     r = run(torchrun("--data", data, "--out", tmp_path, "--cache-dir", tmp_path / "cache", *TINY, "--epochs", "1",
-                     "--grid-spec", "lr=1e-3,3e-4"))
+                     "--augment", "seed", "--grid-spec", "lr=1e-3,3e-4"))
     assert sorted(p for _, p in takes(r.stdout)) == [0, 1]  # the two trials at once
     assert r.stdout.count("building train cache") == 1 and r.stdout.count("train cache reused") == 1, r.stdout
 
