@@ -121,7 +121,8 @@ for arch in resnet18 resnet50 resnet101 efficientnet_b4; do
     train "train-$arch" "${SCRIPT[$arch]}" --weights "${WEIGHTS[$arch]}"
 done
 train train-efficientnet_lite0 main_EfficientNet_Lite0.py
-R18=(--weights "${WEIGHTS[resnet18]}")
+# --augment seed: the augmentation renderer stays in these runs (tuned's random-init recipe only mirrors)
+R18=(--weights "${WEIGHTS[resnet18]}" --augment seed)
 train resnet18-fp16 main_ResNet-18.py "${R18[@]}" --precision fp16   # fp16 autocast runs on the CPU too
 train resnet18-fp32 main_ResNet-18.py "${R18[@]}" --precision fp32
 
